@@ -1,0 +1,42 @@
+"""One exception hierarchy: every user-facing failure is an OnnxcutError.
+
+The CLI prints an OnnxcutError as one line with exit code 2. Anything else is a bug and keeps
+its traceback, so broken invariants are `assert`s, never OnnxcutErrors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OnnxcutError(Exception):
+    """User-facing failure; the CLI prints it without a traceback."""
+
+
+class ModelError(OnnxcutError):
+    """The model file cannot be read, or does not hold what a command needs."""
+
+
+class DataError(OnnxcutError):
+    """Images, masks, scores or plans that are missing, corrupt or inconsistent."""
+
+
+class PlanError(OnnxcutError):
+    """A plan that does not fit the model it is applied to."""
+
+
+class RuntimeMissingError(OnnxcutError):
+    """onnxruntime (or an optional backend) is not installed."""
+
+
+class OutputError(OnnxcutError):
+    """An output path that cannot be written."""
+
+
+class UnsupportedOpError(OnnxcutError):
+    """A node whose op a pass has no rule for."""
+
+    def __init__(self, node: Any, reason: str):
+        super().__init__(f"node '{node.name}' ({node.op_type}): {reason}")
+        self.node_name = node.name
+        self.op = node.op_type

@@ -1,0 +1,470 @@
+"""Load real exports robustly, save atomically, and index a graph by tensor name.
+
+Every command loads through `load()`, so odd exports (weights in Constant nodes, IR-3
+initializer inputs, dynamic shapes, external data) are normalised in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import ModelProto, NodeProto, TensorProto, external_data_helper, numpy_helper
+
+from onnxcut.errors import ModelError, OutputError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 9
+MAX_OPSET = onnx.defs.onnx_opset_version()
+FLOAT_TYPES = frozenset(
+    {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+)
+# Initializers above this size are described by shape alone during shape inference.
+_INFER_INLINE_LIMIT = 4096
+
+
+def load(
+    model: str | os.PathLike[str] | ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> ModelProto:
+    """Load and normalise a model: fold constants, name nodes, fix shapes, infer shapes.
+
+    Returns a new ModelProto; a ModelProto argument is copied, never changed.
+    """
+    if isinstance(model, ModelProto):
+        proto = ModelProto()
+        proto.CopyFrom(model)
+        _check_external(proto, None, "<in-memory model>")
+        source = "<in-memory model>"
+    else:
+        proto = _read(Path(model))
+        source = str(model)
+    _check_structure(proto, source)
+    name_nodes_inplace(proto)
+    fold_constants_inplace(proto)
+    if input_shapes:
+        fix_input_shapes_inplace(proto, input_shapes)
+    return infer_shapes(proto)
+
+
+def _read(path: Path) -> ModelProto:
+    if not path.exists():
+        raise ModelError(f"{path}: no such file; check the path")
+    if not path.is_file():
+        raise ModelError(f"{path}: not a file; pass the .onnx model file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: empty file; re-export the model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelError(
+            f"{path}: not an ONNX model (protobuf parse failed: {e}); "
+            "check that the file is a complete .onnx export"
+        ) from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read ({e.strerror}); check permissions") from None
+    _check_external(proto, path.parent, str(path))
+    return proto
+
+
+def _check_external(proto: ModelProto, base: Path | None, source: str) -> None:
+    """Refuse external data that escapes the model's folder, then load it."""
+    external = [
+        t
+        for t in external_data_helper._get_all_tensors(proto)
+        if external_data_helper.uses_external_data(t)
+    ]
+    if not external:
+        return
+    if base is None:
+        raise ModelError(
+            f"{source}: tensor '{external[0].name}' keeps its data in an external file; "
+            "load the model from its path instead"
+        )
+    root = os.path.realpath(base)
+    for tensor in external:
+        info = external_data_helper.ExternalDataInfo(tensor)
+        target = os.path.realpath(os.path.join(root, info.location))
+        if os.path.isabs(info.location) or os.path.commonpath([root, target]) != root:
+            raise ModelError(
+                f"{source}: tensor '{tensor.name}' has external data location "
+                f"'{info.location}' outside the model folder; move the data file next to "
+                "the model and re-save it"
+            )
+        if not os.path.isfile(target):
+            raise ModelError(
+                f"{source}: tensor '{tensor.name}' needs external data file "
+                f"'{info.location}', which is missing; copy it next to the model"
+            )
+    try:
+        external_data_helper.load_external_data_for_model(proto, str(root))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{source}: cannot read external data ({e})") from None
+
+
+def _check_structure(proto: ModelProto, source: str) -> None:
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.graph.node:
+        raise ModelError(
+            f"{source}: parsed as protobuf but holds no ONNX graph; "
+            "check that the file is an .onnx model"
+        )
+    opset = opset_version(proto)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelError(
+            f"{source}: default-domain opset {opset} is outside {MIN_OPSET}..{MAX_OPSET}; "
+            "convert it with onnx.version_converter.convert_version(model, 17)"
+        )
+
+
+def opset_version(model: ModelProto) -> int:
+    """Return the default-domain ("" or "ai.onnx") opset version."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1 if model.ir_version < 3 else 0
+
+
+def name_nodes_inplace(model: ModelProto) -> ModelProto:
+    """Give every unnamed or duplicate-named node a unique, deterministic name.
+
+    Plans address layers by node name, so names must exist and be unique.
+    """
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        name = node.name
+        if not name or name in seen:
+            base = node.name or f"{node.op_type}_{i}"
+            name, k = base, 1
+            while name in seen:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+        seen.add(name)
+    return model
+
+
+def fold_constants_inplace(model: ModelProto) -> ModelProto:
+    """Turn Constant nodes, and ConstantOfShape of a known shape, into initializers.
+
+    PaddlePaddle and some converters keep weights in Constant nodes; after this every weight
+    is an initializer, which is all the later passes read.
+    """
+    graph = model.graph
+    known = {t.name for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    keep: list[NodeProto] = []
+    added: list[TensorProto] = []
+    for node in graph.node:
+        tensor = None
+        if node.output and node.output[0] not in graph_outputs:
+            if node.op_type == "Constant" and not node.input:
+                tensor = _constant_value(node)
+            elif node.op_type == "ConstantOfShape" and node.input[0] in known:
+                tensor = _constant_of_shape(node, graph)
+        if tensor is None:
+            keep.append(node)
+            continue
+        tensor.name = node.output[0]
+        added.append(tensor)
+        known.add(tensor.name)
+    if not added:
+        return model
+    del graph.node[:]
+    graph.node.extend(keep)
+    graph.initializer.extend(added)
+    if model.ir_version < 4:
+        # Before IR 4 every initializer must also be declared as a graph input.
+        graph.input.extend(
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in added
+        )
+    return model
+
+
+def _constant_value(node: NodeProto) -> TensorProto | None:
+    attr = {a.name: a for a in node.attribute}
+    if "value" in attr:
+        out = TensorProto()
+        out.CopyFrom(attr["value"].t)
+        return out
+    scalars = {
+        "value_float": lambda a: numpy_helper.from_array(np.array(a.f, np.float32)),
+        "value_floats": lambda a: numpy_helper.from_array(np.array(a.floats, np.float32)),
+        "value_int": lambda a: numpy_helper.from_array(np.array(a.i, np.int64)),
+        "value_ints": lambda a: numpy_helper.from_array(np.array(a.ints, np.int64)),
+    }
+    for key, make in scalars.items():
+        if key in attr:
+            return make(attr[key])
+    return None  # sparse_value or string constants stay as nodes
+
+
+def _constant_of_shape(node: NodeProto, graph: onnx.GraphProto) -> TensorProto:
+    shape_init = next(t for t in graph.initializer if t.name == node.input[0])
+    shape = numpy_helper.to_array(shape_init).astype(np.int64)
+    value = np.zeros(1, np.float32)
+    for a in node.attribute:
+        if a.name == "value":
+            value = numpy_helper.to_array(a.t).reshape(-1)
+    return numpy_helper.from_array(np.full(tuple(shape), value[0], dtype=value.dtype))
+
+
+def graph_inputs(model: ModelProto) -> list[onnx.ValueInfoProto]:
+    """Return the real inputs: IR-3 exports also list every initializer as an input."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def dims(value_info: onnx.ValueInfoProto) -> list[int | str] | None:
+    """Return a tensor's dims: ints where static, the symbol (or '?') where dynamic."""
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+
+
+def parse_input_shapes(specs: Iterable[str]) -> dict[str, list[int]]:
+    """Parse `NAME:1x3x256x256` flags into {name: dims}."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, text = spec.rpartition(":")
+        try:
+            shape = [int(d) for d in text.lower().split("x")]
+        except ValueError:
+            shape = []
+        if not sep or not name or not shape or min(shape) <= 0:
+            raise ModelError(
+                f"--input-shape '{spec}': expected NAME:DxDx..., e.g. input:1x3x256x256"
+            )
+        shapes[name] = shape
+    return shapes
+
+
+def fix_input_shapes_inplace(model: ModelProto, shapes: Mapping[str, Sequence[int]]) -> ModelProto:
+    """Set the given inputs' dims and drop stale intermediate shapes."""
+    inputs = {i.name: i for i in graph_inputs(model)}
+    for name, shape in shapes.items():
+        if name not in inputs:
+            raise ModelError(
+                f"--input-shape names '{name}', which is not a model input; "
+                f"inputs: {', '.join(inputs) or 'none'}"
+            )
+        current = dims(inputs[name])
+        if current is not None and len(current) != len(shape):
+            raise ModelError(
+                f"--input-shape {name}: rank {len(shape)} given, input has rank {len(current)} "
+                f"({'x'.join(map(str, current))})"
+            )
+        for d, (old, new) in enumerate(zip(current or [None] * len(shape), shape, strict=True)):
+            if isinstance(old, int) and old > 0 and old != new:
+                raise ModelError(
+                    f"--input-shape {name}: dim {d} is fixed at {old} in the model, not {new}"
+                )
+        tensor_type = inputs[name].type.tensor_type
+        tensor_type.shape.Clear()
+        for d in shape:
+            tensor_type.shape.dim.add().dim_value = int(d)
+    del model.graph.value_info[:]
+    return model
+
+
+def default_batch_inplace(model: ModelProto) -> list[str]:
+    """Fix a dynamic batch dim to 1 where it is an input's only dynamic dim.
+
+    Returns the names of the inputs changed, so callers can say what was assumed.
+    """
+    changed = {}
+    for value in graph_inputs(model):
+        d = dims(value)
+        batch_dynamic = bool(d) and not (isinstance(d[0], int) and d[0] > 0)
+        if batch_dynamic and all(isinstance(x, int) and x > 0 for x in d[1:]):
+            changed[value.name] = [1, *d[1:]]
+    if changed:
+        fix_input_shapes_inplace(model, changed)
+    return list(changed)
+
+
+def require_static(model: ModelProto) -> None:
+    """Raise, naming the input and the flag, if an input shape is not fully known."""
+    for value in graph_inputs(model):
+        d = dims(value)
+        if d is None or not all(isinstance(x, int) and x > 0 for x in d):
+            shown = "x".join(map(str, d)) if d else "unknown"
+            raise ModelError(
+                f"input '{value.name}' has dynamic shape {shown}; fix it with "
+                f"--input-shape {value.name}:1x3x224x224 (your sizes)"
+            )
+
+
+def infer_shapes(model: ModelProto) -> ModelProto:
+    """Run ONNX shape inference with data propagation, without copying large weights.
+
+    Large initializers are described to the inferencer as typed inputs, so models over 2 GB
+    and models with big weights infer quickly; the inferred value_info is copied back.
+    """
+    light = ModelProto()
+    light.ir_version = max(model.ir_version, 4)
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.output.extend(model.graph.output)
+    input_names = {i.name for i in model.graph.input}
+    g.input.extend(model.graph.input)
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL and _numel(t) <= _INFER_INLINE_LIMIT:
+            g.initializer.append(t)
+        elif t.name not in input_names:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception as e:  # a bad shape somewhere must not stop commands that need none
+        log.warning("shape inference failed (%s); shapes stay as exported", e)
+        return model
+    known_outputs = {o.name for o in model.graph.output}
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(
+        v for v in inferred.graph.value_info if v.name not in known_outputs
+    )
+    for out, new in zip(model.graph.output, inferred.graph.output, strict=True):
+        if not out.type.tensor_type.HasField("shape") or _has_dynamic(out):
+            out.CopyFrom(new)
+    return model
+
+
+def _has_dynamic(value: onnx.ValueInfoProto) -> bool:
+    d = dims(value)
+    return d is None or not all(isinstance(x, int) and x > 0 for x in d)
+
+
+def _numel(t: TensorProto) -> int:
+    return int(np.prod(t.dims)) if t.dims else 1
+
+
+class GraphIndex:
+    """Producers, consumers, constants and shapes of a model's main graph, by tensor name."""
+
+    def __init__(self, model: ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.nodes: dict[str, NodeProto] = {n.name: n for n in model.graph.node}
+        self.producer: dict[str, NodeProto] = {}
+        self.consumers: dict[str, list[NodeProto]] = defaultdict(list)
+        for node in model.graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.initializers: dict[str, TensorProto] = {t.name: t for t in model.graph.initializer}
+        self.value_info: dict[str, onnx.ValueInfoProto] = {}
+        for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+            self.value_info.setdefault(v.name, v)
+        self.outputs = [o.name for o in model.graph.output]
+        self.inputs = [i.name for i in graph_inputs(model)]
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def const(self, name: str) -> np.ndarray | None:
+        """Return an initializer as an array (cached), or None for a computed tensor."""
+        if name not in self.initializers:
+            return None
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+        return self._arrays[name]
+
+    def shape(self, name: str) -> list[int | str] | None:
+        """Return a tensor's dims (ints where static), or None where unknown."""
+        if name in self.initializers:
+            return list(self.initializers[name].dims)
+        v = self.value_info.get(name)
+        return dims(v) if v is not None else None
+
+    def static_shape(self, name: str) -> tuple[int, ...] | None:
+        d = self.shape(name)
+        if d is None or not all(isinstance(x, int) and x > 0 for x in d):
+            return None
+        return tuple(int(x) for x in d)
+
+    def dtype(self, name: str) -> int | None:
+        if name in self.initializers:
+            return self.initializers[name].data_type
+        v = self.value_info.get(name)
+        return v.type.tensor_type.elem_type if v is not None else None
+
+
+def attrs(node: NodeProto) -> dict[str, object]:
+    """Return a node's attributes as Python values."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def save(model: ModelProto, path: str | os.PathLike[str], *, source: str | None = None) -> Path:
+    """Write a model atomically: to a temporary file beside `path`, then rename.
+
+    Models over 2 GB are written with their weights in `<name>.data` beside the model.
+    `source` is the input model's path; writing over it is refused.
+    """
+    path = Path(path)
+    _check_writable(path, source)
+    try:
+        model.ByteSize()
+        large = False
+    except Exception:  # protobuf cannot measure, let alone serialise, past 2 GB
+        large = True
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if large:
+            data_name = f"{path.name}.data"
+            tmp_data = f"{Path(tmp).name}.data"
+            onnx.save(model, tmp, save_as_external_data=True, location=tmp_data)
+            # The rename of the data file is made before the model that points at it.
+            final = onnx.load(tmp, load_external_data=False)
+            for t in external_data_helper._get_all_tensors(final):
+                if external_data_helper.uses_external_data(t):
+                    for entry in t.external_data:
+                        if entry.key == "location":
+                            entry.value = data_name
+            os.replace(path.parent / tmp_data, path.parent / data_name)
+            onnx.save(final, tmp)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_writable(path: Path, source: str | None) -> None:
+    parent = path.parent
+    if source is not None and path.exists() and os.path.samefile(path, source):
+        raise OutputError(f"{path}: output is the input model; choose another -o path")
+    if not parent.is_dir():
+        raise OutputError(f"{path}: folder '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: folder '{parent}' is not writable; choose another -o path")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give a file name such as {path}/model.onnx")
+
+
+def sha256(path: str | os.PathLike[str]) -> str:
+    """Return the hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_bytes(model: ModelProto) -> bytes:
+    """Serialise a model for onnxruntime (callers needing > 2 GB save it to a path instead)."""
+    return model.SerializeToString()

@@ -1,0 +1,288 @@
+"""Build small ONNX CNNs in code, for tests: every op mix an exporter produces.
+
+    b = NetBuilder((1, 3, 16, 16))
+    y = b.relu(b.bn(b.conv(b.input, 8)))
+    model = b.build([b.gemm(b.flatten(b.gap(y)), 10)])
+
+Weights are random but seeded. `weights="constant"` stores them in Constant nodes, as
+PaddlePaddle exports do; `layout="nhwc"` adds the Transpose a TFLite conversion starts with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class NetBuilder:
+    def __init__(
+        self,
+        shape: Sequence[int] = (1, 3, 16, 16),
+        *,
+        opset: int = 17,
+        seed: int = 0,
+        weights: str = "initializer",
+        layout: str = "nchw",
+        input_name: str = "input",
+        ir_version: int | None = None,
+    ):
+        assert weights in ("initializer", "constant")
+        assert layout in ("nchw", "nhwc")
+        self.opset = opset
+        self.ir_version = ir_version
+        self.rng = np.random.default_rng(seed)
+        self.weights = weights
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._count = 0
+        shape = list(shape)
+        if layout == "nhwc":
+            n, c, h, w = shape
+            self.inputs = [
+                helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [n, h, w, c])
+            ]
+            self.input = self._node("Transpose", [input_name], perm=[0, 3, 1, 2])
+        else:
+            self.inputs = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, shape)]
+            self.input = input_name
+        self.input_name = input_name
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}_{self._count}"
+
+    def _node(
+        self, op: str, inputs: Sequence[str], n_out: int = 1, name: str | None = None, **attrs
+    ) -> str | list[str]:
+        name = name or self._name(op.lower())
+        outs = [f"{name}_out{i}" if n_out > 1 else f"{name}_out" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=name, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, array: np.ndarray, prefix: str = "w") -> str:
+        """Add a constant (initializer or Constant node, per the builder's mode)."""
+        name = self._name(prefix)
+        tensor = numpy_helper.from_array(np.asarray(array), name)
+        if self.weights == "constant":
+            self.nodes.append(
+                helper.make_node("Constant", [], [name], name=f"{name}_const", value=tensor)
+            )
+        else:
+            self.inits.append(tensor)
+        return name
+
+    def _int64(self, values: Sequence[int]) -> str:
+        name = self._name("shape")
+        self.inits.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    def _rand(self, *shape: int, scale: float | None = None) -> np.ndarray:
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        s = scale if scale is not None else 1.0 / np.sqrt(max(fan_in, 1))
+        return (self.rng.standard_normal(shape) * s).astype(np.float32)
+
+    def shape(self, tensor: str) -> list[int]:
+        """Infer a tensor's static shape from the graph built so far."""
+        model = self._model([tensor], check=False)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+            if v.name == tensor and v.type.tensor_type.HasField("shape"):
+                return [d.dim_value for d in v.type.tensor_type.shape.dim]
+        raise AssertionError(f"no shape for {tensor}")
+
+    def channels(self, tensor: str) -> int:
+        return self.shape(tensor)[1]
+
+    def _model(self, outputs: Sequence[str], check: bool = True) -> onnx.ModelProto:
+        outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
+        graph = helper.make_graph(self.nodes, "net", self.inputs, outs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        model.ir_version = self.ir_version or min(model.ir_version, 8)
+        if check:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            for out, new in zip(model.graph.output, inferred.graph.output, strict=True):
+                out.CopyFrom(new)
+            onnx.checker.check_model(model)
+        return model
+
+    def build(self, outputs: Sequence[str], dynamic_batch: bool = False) -> onnx.ModelProto:
+        """Return the checked model with the given outputs (batch dim symbolic if asked)."""
+        model = self._model(outputs)
+        if dynamic_batch:
+            model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+            for out in model.graph.output:
+                out.type.tensor_type.shape.dim[0].dim_param = "N"
+        return model
+
+    # -- parameter layers -------------------------------------------------------------------
+    def conv(
+        self,
+        x: str,
+        cout: int,
+        k: int = 3,
+        *,
+        stride: int = 1,
+        dilation: int = 1,
+        group: int = 1,
+        pads: Sequence[int] | None = None,
+        bias: bool = True,
+        auto_pad: str | None = None,
+    ) -> str:
+        cin = self.channels(x)
+        w = self.const(self._rand(cout, cin // group, k, k), "conv_w")
+        inputs = [x, w] + ([self.const(self._rand(cout, scale=0.1), "conv_b")] if bias else [])
+        attrs = dict(
+            kernel_shape=[k, k], strides=[stride, stride], dilations=[dilation] * 2, group=group
+        )
+        if auto_pad:
+            attrs["auto_pad"] = auto_pad
+        else:
+            p = dilation * (k - 1) // 2
+            attrs["pads"] = list(pads) if pads is not None else [p, p, p, p]
+        return self._node("Conv", inputs, name=self._name("conv"), **attrs)
+
+    def conv_transpose(
+        self, x: str, cout: int, k: int = 2, *, stride: int = 2, group: int = 1, bias: bool = True
+    ) -> str:
+        cin = self.channels(x)
+        w = self.const(self._rand(cin, cout // group, k, k), "deconv_w")
+        inputs = [x, w] + ([self.const(self._rand(cout, scale=0.1), "deconv_b")] if bias else [])
+        return self._node(
+            "ConvTranspose", inputs, kernel_shape=[k, k], strides=[stride] * 2, group=group
+        )
+
+    def gemm(self, x: str, n: int, *, trans_b: bool = True) -> str:
+        k = self.shape(x)[1]
+        w = self._rand(n, k)
+        wt = w if trans_b else np.ascontiguousarray(w.T)
+        return self._node(
+            "Gemm",
+            [x, self.const(wt, "fc_w"), self.const(self._rand(n, scale=0.1), "fc_b")],
+            transB=int(trans_b),
+        )
+
+    def matmul(self, x: str, n: int) -> str:
+        k = self.shape(x)[-1]
+        return self._node("MatMul", [x, self.const(self._rand(k, n), "mm_w")])
+
+    def bn(self, x: str, eps: float = 1e-5) -> str:
+        c = self.channels(x)
+        r = self.rng
+        params = [
+            (r.uniform(0.5, 1.5, c)).astype(np.float32),
+            (r.standard_normal(c) * 0.1).astype(np.float32),
+            (r.standard_normal(c) * 0.1).astype(np.float32),
+            r.uniform(0.5, 1.5, c).astype(np.float32),
+        ]
+        names = [
+            self.const(p, n) for p, n in zip(params, ["bn_s", "bn_b", "bn_m", "bn_v"], strict=True)
+        ]
+        return self._node("BatchNormalization", [x, *names], epsilon=eps)
+
+    # -- activations ------------------------------------------------------------------------
+    def relu(self, x: str) -> str:
+        return self._node("Relu", [x])
+
+    def leaky_relu(self, x: str, alpha: float = 0.1) -> str:
+        return self._node("LeakyRelu", [x], alpha=alpha)
+
+    def prelu(self, x: str) -> str:
+        c = self.channels(x)
+        slope = self.const(self.rng.uniform(0.05, 0.3, (c, 1, 1)).astype(np.float32), "slope")
+        return self._node("PRelu", [x, slope])
+
+    def clip(self, x: str, lo: float = 0.0, hi: float = 6.0) -> str:
+        return self._node(
+            "Clip", [x, self.const(np.float32(lo), "lo"), self.const(np.float32(hi), "hi")]
+        )
+
+    def unary(self, op: str, x: str, **attrs) -> str:
+        return self._node(op, [x], **attrs)
+
+    def hardswish(self, x: str) -> str:
+        return self._node("HardSwish", [x])
+
+    def hardswish_spelled(self, x: str) -> str:
+        """x * clip(x + 3, 0, 6) / 6, as PaddlePaddle exports it."""
+        shifted = self._node("Add", [x, self.const(np.float32(3.0), "three")])
+        return self._node(
+            "Div", [self._node("Mul", [x, self.clip(shifted)]), self.const(np.float32(6.0), "six")]
+        )
+
+    # -- arithmetic and structure -----------------------------------------------------------
+    def add(self, a: str, b: str) -> str:
+        return self._node("Add", [a, b])
+
+    def mul(self, a: str, b: str) -> str:
+        return self._node("Mul", [a, b])
+
+    def channel_const(self, op: str, x: str) -> str:
+        """Op with a per-channel constant of shape (C, 1, 1)."""
+        c = self.channels(x)
+        value = self.rng.uniform(0.5, 1.5, (c, 1, 1)).astype(np.float32)
+        return self._node(op, [x, self.const(value, "chan")])
+
+    def scalar_const(self, op: str, x: str, value: float = 2.0) -> str:
+        return self._node(op, [x, self.const(np.float32(value), "scalar")])
+
+    def concat(self, xs: Sequence[str], axis: int = 1) -> str:
+        return self._node("Concat", list(xs), axis=axis)
+
+    def maxpool(
+        self, x: str, k: int = 2, stride: int = 2, pads: Sequence[int] = (0, 0, 0, 0)
+    ) -> str:
+        return self._node(
+            "MaxPool", [x], kernel_shape=[k, k], strides=[stride] * 2, pads=list(pads)
+        )
+
+    def avgpool(self, x: str, k: int = 2, stride: int = 2) -> str:
+        return self._node("AveragePool", [x], kernel_shape=[k, k], strides=[stride] * 2)
+
+    def gap(self, x: str) -> str:
+        return self._node("GlobalAveragePool", [x])
+
+    def flatten(self, x: str) -> str:
+        return self._node("Flatten", [x], axis=1)
+
+    def reshape(self, x: str, shape: Sequence[int]) -> str:
+        return self._node("Reshape", [x, self._int64(shape)])
+
+    def transpose(self, x: str, perm: Sequence[int]) -> str:
+        return self._node("Transpose", [x], perm=list(perm))
+
+    def resize(self, x: str, scale: float = 2.0, mode: str = "nearest") -> str:
+        scales = self.const(np.array([1, 1, scale, scale], np.float32), "scales")
+        extra = {"coordinate_transformation_mode": "half_pixel"} if mode == "linear" else {}
+        return self._node("Resize", [x, "", scales], mode=mode, **extra)
+
+    def resize_to(self, x: str, size: Sequence[int], mode: str = "linear") -> str:
+        n, c = self.shape(x)[:2]
+        sizes = self._int64([n, c, *size])
+        return self._node(
+            "Resize", [x, "", "", sizes], mode=mode, coordinate_transformation_mode="half_pixel"
+        )
+
+    def pad(self, x: str, pads: Sequence[int], mode: str = "constant") -> str:
+        return self._node("Pad", [x, self._int64(pads)], mode=mode)
+
+    def split(self, x: str, sizes: Sequence[int], axis: int = 1) -> list[str]:
+        return self._node("Split", [x, self._int64(sizes)], n_out=len(sizes), axis=axis)
+
+    def slice(self, x: str, start: int, end: int, axis: int = 1) -> str:
+        return self._node(
+            "Slice", [x, self._int64([start]), self._int64([end]), self._int64([axis])]
+        )
+
+    def softmax(self, x: str, axis: int = 1) -> str:
+        return self._node("Softmax", [x], axis=axis)
+
+    def se(self, x: str, reduction: int = 4) -> str:
+        """Squeeze-excitation: GAP -> conv -> relu -> conv -> HardSigmoid -> Mul."""
+        c = self.channels(x)
+        s = self.relu(self.conv(self.gap(x), max(c // reduction, 1), k=1))
+        gate = self._node("HardSigmoid", [self.conv(s, c, k=1)], alpha=1 / 6, beta=0.5)
+        return self.mul(x, gate)
