@@ -271,7 +271,10 @@ def fix_input_shapes_inplace(model: ModelProto, shapes: Mapping[str, Sequence[in
         tensor_type.shape.Clear()
         for d in shape:
             tensor_type.shape.dim.add().dim_value = int(d)
+    # Stale shapes downstream of the fixed inputs are re-inferred by infer_shapes().
     del model.graph.value_info[:]
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
     return model
 
 
@@ -297,9 +300,13 @@ def require_static(model: ModelProto) -> None:
         d = dims(value)
         if d is None or not all(isinstance(x, int) and x > 0 for x in d):
             shown = "x".join(map(str, d)) if d else "unknown"
+            hint = "x".join(
+                str(x) if isinstance(x, int) and x > 0 else ("1" if i == 0 else "SIZE")
+                for i, x in enumerate(d or ["N", "C", "H", "W"])
+            )
             raise ModelError(
                 f"input '{value.name}' has dynamic shape {shown}; fix it with "
-                f"--input-shape {value.name}:1x3x224x224 (your sizes)"
+                f"--input-shape {value.name}:{hint} (SIZE: your sizes)"
             )
 
 
@@ -334,7 +341,8 @@ def infer_shapes(model: ModelProto) -> ModelProto:
         v for v in inferred.graph.value_info if v.name not in known_outputs
     )
     for out, new in zip(model.graph.output, inferred.graph.output, strict=True):
-        if not out.type.tensor_type.HasField("shape") or _has_dynamic(out):
+        stale = not out.type.tensor_type.HasField("shape") or _has_dynamic(out)
+        if stale and new.type.tensor_type.HasField("shape"):
             out.CopyFrom(new)
     return model
 

@@ -99,7 +99,12 @@ class NetBuilder:
 
     def _model(self, outputs: Sequence[str], check: bool = True) -> onnx.ModelProto:
         outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs]
-        graph = helper.make_graph(self.nodes, "net", self.inputs, outs, self.inits)
+        inputs = list(self.inputs)
+        if self.ir_version is not None and self.ir_version < 4:
+            # Before IR 4 every initializer is also declared as a graph input.
+            inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in self.inits]
+        graph = helper.make_graph(self.nodes, "net", inputs, outs, self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         model.ir_version = self.ir_version or min(model.ir_version, 8)
         if check:

@@ -1,0 +1,1 @@
+"""Command-line front end, installed as `onnxcut.cli`: one module a verb."""

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny models built in code, saved under tmp_path, and the sample models."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from netbuilder import NetBuilder
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_MODELS = ROOT / "samples" / "models"
+SAMPLE_NAMES = [
+    "unet_digits",
+    "deeplab_digits",
+    "resnet_digits_cls",
+    "vgg_digits_cls",
+    "mobilenet_digits_seg",
+]
+
+
+def conv_bn_net(**builder_args) -> onnx.ModelProto:
+    """conv-bn-relu -> residual -> pool -> gap -> gemm: a small classifier."""
+    b = NetBuilder((1, 3, 16, 16), **builder_args)
+    x = b.relu(b.bn(b.conv(b.input, 8)))
+    y = b.relu(b.bn(b.conv(x, 8)))
+    x = b.maxpool(b.add(x, y))
+    return b.build([b.gemm(b.flatten(b.gap(x)), 10)])
+
+
+@pytest.fixture
+def conv_bn(tmp_path: Path) -> Path:
+    path = tmp_path / "conv_bn.onnx"
+    onnx.save(conv_bn_net(), path)
+    return path
+
+
+def sample_model(name: str) -> Path:
+    path = SAMPLE_MODELS / f"{name}.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} missing: run `python samples/train.py` to make it")
+    return path
