@@ -331,7 +331,11 @@ def infer_shapes(model: ModelProto) -> ModelProto:
         elif t.name not in input_names:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(light)
+        # Data propagation follows every 1-D tensor as if it were a shape, holding one
+        # symbol per element: only safe when all 1-D tensors are shape-sized.
+        if not any(_is_long_vector(v) for v in [*g.input, *inferred.graph.value_info]):
+            inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception as e:  # a bad shape somewhere must not stop commands that need none
         log.warning("shape inference failed (%s); shapes stay as exported", e)
         return model
@@ -345,6 +349,11 @@ def infer_shapes(model: ModelProto) -> ModelProto:
         if stale and new.type.tensor_type.HasField("shape"):
             out.CopyFrom(new)
     return model
+
+
+def _is_long_vector(value: onnx.ValueInfoProto) -> bool:
+    d = dims(value)
+    return d is not None and len(d) == 1 and (not isinstance(d[0], int) or d[0] > 1024)
 
 
 def _has_dynamic(value: onnx.ValueInfoProto) -> bool:

@@ -193,8 +193,10 @@ def test_external_data_over_2gb(tmp_path: Path):
                 f.write(block)
     inits = []
     for i in range(parts):
-        t = helper.make_tensor(f"w{i}", TensorProto.FLOAT, [n], vals=[])
-        onnx.external_data_helper.set_external_data(t, "big.data", offset=i * 4 * n, length=4 * n)
+        t = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[n])
+        for key, value in (("location", "big.data"), ("offset", i * 4 * n), ("length", 4 * n)):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, str(value)
         t.data_location = TensorProto.EXTERNAL
         inits.append(t)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])
