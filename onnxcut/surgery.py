@@ -1,0 +1,249 @@
+"""Apply a plan: `extract` slices channels out, `mask` zeroes them where they are consumed.
+
+`mask` is the reference semantics: the same-shaped model in which every parameter layer's
+weights for removed input channels are zero. `extract` computes the same values on every
+kept channel with smaller tensors. Initializers and nodes the plan does not touch stay
+bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import ModelProto, NodeProto, helper, numpy_helper
+
+from onnxcut.deps import ChannelTrace, ConstSlice, EditContext, trace
+from onnxcut.graph import infer_shapes, load, sha256
+from onnxcut.plan import Plan, PlanLike, as_plan, resolve
+
+log = logging.getLogger(__name__)
+
+CATEGORIES_KEY = "onnxcut.categories"
+ModelLike = ModelProto | str | os.PathLike[str]
+
+
+def extract(model: ModelLike, plan: PlanLike) -> ModelProto:
+    """Return the model with the plan's removed channels sliced out of every tensor."""
+    proto, channels, kept, plan = _prepare(model, plan)
+    cut = _Cut(proto, channels, kept, slice_out=True)
+    cut.apply()
+    cut.finish_shapes()
+    _record_categories(proto, channels, kept, plan)
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def mask(model: ModelLike, plan: PlanLike) -> ModelProto:
+    """Return the same-shaped model with removed channels' consumer weights zeroed."""
+    proto, channels, kept, _ = _prepare(model, plan)
+    _Cut(proto, channels, kept, slice_out=False).apply()
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _prepare(model: ModelLike, plan: PlanLike) -> tuple[ModelProto, ChannelTrace, np.ndarray, Plan]:
+    plan = as_plan(plan)
+    digest = None
+    if plan.model_sha256:
+        if isinstance(model, ModelProto):
+            digest = hashlib.sha256(model.SerializeToString()).hexdigest()
+        else:
+            digest = sha256(model) if Path(model).is_file() else None
+    proto = load(model)
+    channels = trace(proto)
+    return proto, channels, resolve(plan, channels, digest), plan
+
+
+class _Cut(EditContext):
+    """One application of a resolved plan to a loaded model, in place."""
+
+    def __init__(
+        self, model: ModelProto, channels: ChannelTrace, kept_class: np.ndarray, *, slice_out: bool
+    ):
+        self.model = model
+        self.channels = channels
+        self.slice_out = slice_out
+        self.kept_slot = kept_class[channels.slot_class] if len(kept_class) else np.zeros(0, bool)
+        self.nodes = channels.index.nodes
+        self._names = {t.name for t in model.graph.initializer} | {
+            o for n in model.graph.node for o in n.output
+        }
+        self._replaced: set[str] = set()
+
+    # -- EditContext -------------------------------------------------------------------------
+    def kept(self, slots: np.ndarray) -> np.ndarray:
+        return self.kept_slot[slots]
+
+    def set_attr(self, node: NodeProto, name: str, value: object) -> None:
+        if not self.slice_out:
+            return
+        for i, a in enumerate(node.attribute):
+            if a.name == name:
+                del node.attribute[i]
+                break
+        if value is not None:
+            node.attribute.append(helper.make_attribute(name, value))
+
+    def set_const(self, node: NodeProto, input_index: int, value: np.ndarray) -> None:
+        if not self.slice_out:
+            return
+        while len(node.input) <= input_index:
+            node.input.append("")
+        old = node.input[input_index]
+        if old:
+            self._replaced.add(old)
+        name = self._unique(f"{old or node.name}_cut")
+        self.model.graph.initializer.append(numpy_helper.from_array(value, name))
+        node.input[input_index] = name
+
+    # -- the cut -----------------------------------------------------------------------------
+    def apply(self) -> None:
+        # Edits first: they also check constraints (grouped convs) in mask mode.
+        for _, edit in self.channels.edits:
+            edit(self)
+        uses: dict[tuple[str, int], list[ConstSlice]] = defaultdict(list)
+        for s in self.channels.slices:
+            if self.slice_out or s.consume:
+                uses[(s.node, s.input)].append(s)
+        results: dict[str, dict[tuple[str, int], np.ndarray]] = defaultdict(dict)
+        for (node_name, i), ops in uses.items():
+            name = self.nodes[node_name].input[i]
+            array = self.channels.index.const(name)
+            new = array
+            for op in ops:
+                new = self._slice(new, op) if self.slice_out else self._zero(new, op)
+            if new.shape != array.shape or not np.array_equal(new, array):
+                results[name][(node_name, i)] = new
+        for name, per_use in results.items():
+            self._store(name, per_use)
+        self._drop_unused()
+
+    def _slice(self, array: np.ndarray, op: ConstSlice) -> np.ndarray:
+        keep = self.kept(op.slots)
+        if op.groups == 1:
+            return np.compress(keep, array, axis=op.axis)
+        # Grouped Conv weights (cout, cin/g, ...): rows of group g read its own inputs.
+        local = keep.reshape(op.groups, -1)
+        rows = array.shape[0] // op.groups
+        blocks = [array[g * rows : (g + 1) * rows][:, local[g]] for g in range(op.groups)]
+        return np.concatenate(blocks, axis=0)
+
+    def _zero(self, array: np.ndarray, op: ConstSlice) -> np.ndarray:
+        removed = ~self.kept(op.slots)
+        if not removed.any():
+            return array
+        out = array.copy()
+        if op.groups == 1:
+            index = [slice(None)] * out.ndim
+            index[op.axis] = removed
+            out[tuple(index)] = 0
+            return out
+        local = removed.reshape(op.groups, -1)
+        rows = out.shape[0] // op.groups
+        for g in range(op.groups):
+            out[g * rows : (g + 1) * rows, local[g]] = 0
+        return out
+
+    def _store(self, name: str, per_use: dict[tuple[str, int], np.ndarray]) -> None:
+        """Replace an initializer in place, or give each differing use its own copy."""
+        refs = [
+            (n.name, i) for n in self.model.graph.node for i, x in enumerate(n.input) if x == name
+        ]
+        values = list(per_use.values())
+        shared = len(per_use) == len(refs) and all(
+            v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values
+        )
+        if shared and name not in {o.name for o in self.model.graph.output}:
+            self._replace_initializer(name, values[0])
+            return
+        for (node_name, i), value in per_use.items():
+            new = self._unique(f"{name}_{node_name}")
+            self.model.graph.initializer.append(numpy_helper.from_array(value, new))
+            self.nodes[node_name].input[i] = new
+            self._replaced.add(name)
+
+    def _replace_initializer(self, name: str, value: np.ndarray) -> None:
+        for t in self.model.graph.initializer:
+            if t.name == name:
+                t.CopyFrom(numpy_helper.from_array(value, name))
+                break
+        for v in self.model.graph.input:  # IR < 4 lists initializers as inputs too
+            if v.name == name:
+                v.CopyFrom(
+                    helper.make_tensor_value_info(name, v.type.tensor_type.elem_type, value.shape)
+                )
+
+    def _drop_unused(self) -> None:
+        used = {x for n in self.model.graph.node for x in n.input} | {
+            o.name for o in self.model.graph.output
+        }
+        stale = self._replaced - used
+        if not stale:
+            return
+        keep = [t for t in self.model.graph.initializer if t.name not in stale]
+        del self.model.graph.initializer[:]
+        self.model.graph.initializer.extend(keep)
+        inputs = [v for v in self.model.graph.input if v.name not in stale]
+        del self.model.graph.input[:]
+        self.model.graph.input.extend(inputs)
+
+    def _unique(self, base: str) -> str:
+        name, k = base, 1
+        while name in self._names:
+            name, k = f"{base}_{k}", k + 1
+        self._names.add(name)
+        return name
+
+    def finish_shapes(self) -> None:
+        """Drop stale intermediate shapes, set cut output dims, and infer again."""
+        graph = self.model.graph
+        del graph.value_info[:]
+        for out in graph.output:
+            cmap = self.channels.maps.get(out.name)
+            shape = out.type.tensor_type.shape if out.type.tensor_type.HasField("shape") else None
+            if cmap is None or shape is None or len(shape.dim) <= cmap.axis:
+                continue
+            dim = shape.dim[cmap.axis]
+            dim.Clear()
+            dim.dim_value = int(self.kept(cmap.slots).sum())
+        infer_shapes(self.model)
+
+
+def kept_positions(channels: ChannelTrace, kept_class: np.ndarray, tensor: str) -> np.ndarray:
+    """Original indices along a tensor's channel axis that a resolved plan keeps."""
+    cmap = channels.maps[tensor]
+    return np.flatnonzero(kept_class[channels.slot_class[cmap.slots]])
+
+
+def _record_categories(
+    model: ModelProto, channels: ChannelTrace, kept: np.ndarray, plan: Plan
+) -> None:
+    """Store output name -> original channel indices, composed with any earlier cut."""
+    if not plan.outputs:
+        return
+    props = {p.key: p for p in model.metadata_props}
+    earlier: dict[str, list[int]] = {}
+    if CATEGORIES_KEY in props:
+        try:
+            earlier = json.loads(props[CATEGORIES_KEY].value)
+        except json.JSONDecodeError:
+            log.warning("ignoring unreadable %s metadata", CATEGORIES_KEY)
+    categories = dict(earlier)
+    for name in plan.outputs:
+        positions = kept_positions(channels, kept, name).tolist()
+        before = earlier.get(name)
+        if isinstance(before, list) and len(before) == len(channels.maps[name].slots):
+            positions = [before[p] for p in positions]
+        categories[name] = positions
+    value = json.dumps(categories)
+    if CATEGORIES_KEY in props:
+        props[CATEGORIES_KEY].value = value
+    else:
+        model.metadata_props.append(onnx.StringStringEntryProto(key=CATEGORIES_KEY, value=value))
