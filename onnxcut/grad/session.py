@@ -1,0 +1,219 @@
+"""GradientSession: one backward graph and one onnxruntime session, reused per image.
+
+The objective is S = sum over a mask of `output` taken at a category along `axis`. The seed
+dS/d(output) is built in the graph from two inputs: `categories` (K,) and `mask` with a
+leading K (or 1) axis, so K categories of one batch share one forward pass; the backward
+batch holds K copies of the forward batch, category-major.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import ModelProto, TensorProto, helper, numpy_helper
+
+from onnxcut.errors import DataError, ModelError
+from onnxcut.grad.backward import backward, prepare
+from onnxcut.graph import GraphIndex, load
+from onnxcut.runtime import session
+
+log = logging.getLogger(__name__)
+
+CATEGORIES = "onnxcut_categories"
+MASK = "onnxcut_mask"
+_NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64}
+
+
+@dataclass
+class GradientResult:
+    activations: dict[str, np.ndarray]  # name -> (N, C, ...) forward values
+    gradients: dict[str, np.ndarray]  # name -> (K, N, C, ...) dS_k / d tensor
+
+
+class GradientSession:
+    """Build the backward graph of `output` w.r.t. `wrt` once; run it for many inputs.
+
+    Args:
+        model: a path or ModelProto.
+        wrt: intermediate tensor names to differentiate with respect to.
+        output: the tensor the objective reads; `axis` (negative allowed) is its category axis.
+        input_shapes: fixes dynamic input dims, as `--input-shape` does.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | ModelProto,
+        wrt: Sequence[str],
+        output: str,
+        axis: int = 1,
+        *,
+        provider: str = "cpu",
+        threads: int | None = None,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+    ):
+        proto = prepare(load(model, input_shapes))
+        index = GraphIndex(proto)
+        if output not in index.producer and output not in index.inputs:
+            raise ModelError(f"output '{output}' is not a tensor of the graph")
+        shape = index.shape(output)
+        if shape is None:
+            raise ModelError(f"output '{output}' has unknown rank; pass --input-shape NAME:1x3xHxW")
+        self.rank = len(shape)
+        if not -self.rank <= axis < self.rank:
+            raise DataError(
+                f"axis {axis} is out of range for output '{output}' of rank {self.rank}"
+            )
+        self.axis = axis % self.rank
+        self.classes = shape[self.axis]
+        if not isinstance(self.classes, int) or self.classes <= 0:
+            raise ModelError(
+                f"output '{output}' has a dynamic size along axis {axis}; pass --input-shape"
+            )
+        self.output, self.wrt = output, list(wrt)
+        self.out_shape = shape
+        self.dtype = _NP.get(index.dtype(output) or TensorProto.FLOAT, np.float32)
+        with_seed, seed = _add_objective(proto, index, output, self.axis, self.classes)
+        try:
+            graph, grads = backward(with_seed, output, self.wrt, seed, repeats=_K)
+            self.batched = True
+        except ModelError as e:
+            if "one at a time" not in str(e):
+                raise
+            log.info("%s; running categories one at a time", e)
+            graph, grads = backward(with_seed, output, self.wrt, seed)
+            self.batched = False
+        self.grad_names = [grads[name] for name in self.wrt]
+        del graph.graph.output[:]
+        graph.graph.output.extend(
+            helper.make_tensor_value_info(n, index.dtype(w) or TensorProto.FLOAT, None)
+            for n, w in [*((w, w) for w in self.wrt), *zip(self.grad_names, self.wrt, strict=True)]
+        )
+        self.model = graph
+        self.session = session(graph, provider=provider, threads=threads)
+        self.outputs = [*self.wrt, *self.grad_names]
+
+    def run(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        categories: Sequence[int],
+        masks: np.ndarray | Sequence[np.ndarray] | None = None,
+    ) -> GradientResult:
+        """Return activations (N, ...) and gradients (K, N, ...) for K categories.
+
+        `masks` is None (sum everything), one array for every category, or a list of K arrays;
+        each broadcasts against the output with the category axis taken out.
+        """
+        cats = np.asarray(categories, np.int64).reshape(-1)
+        if cats.size == 0:
+            raise DataError("no categories given; pass at least one category index")
+        bad = cats[(cats < 0) | (cats >= self.classes)]
+        if bad.size:
+            raise DataError(
+                f"category {int(bad[0])} is out of range: output '{self.output}' has "
+                f"{self.classes} categories along axis {self.axis} (0..{self.classes - 1})"
+            )
+        mask = self._masks(feeds, masks, len(cats))
+        if self.batched:
+            values = self.session.run(self.outputs, {**feeds, CATEGORIES: cats, MASK: mask})
+            return self._result(values, len(cats))
+        runs = [
+            self.session.run(
+                self.outputs,
+                {**feeds, CATEGORIES: cats[k : k + 1], MASK: mask[min(k, len(mask) - 1)][None]},
+            )
+            for k in range(len(cats))
+        ]
+        n = len(self.wrt)
+        stacked = runs[0][:n] + [np.concatenate([r[n + i] for r in runs]) for i in range(n)]
+        return self._result(stacked, len(cats))
+
+    def _result(self, values: list[np.ndarray], k: int) -> GradientResult:
+        n = len(self.wrt)
+        acts = dict(zip(self.wrt, values[:n], strict=True))
+        grads = {
+            name: g.reshape(k, -1, *g.shape[1:])
+            for name, g in zip(self.wrt, values[n:], strict=True)
+        }
+        return GradientResult(acts, grads)
+
+    def _masks(self, feeds, masks, k: int) -> np.ndarray:
+        """Return masks as (K or 1, *output shape with 1 on the category axis)."""
+        out = list(self.out_shape)
+        if not isinstance(out[0], int) or out[0] <= 0:
+            first = next(iter(feeds.values()), None)
+            out[0] = int(np.shape(first)[0]) if first is not None and np.ndim(first) else 1
+        taken = [d for i, d in enumerate(out) if i != self.axis]
+        if masks is None:
+            return np.ones((1,) + (1,) * self.rank, self.dtype)
+        listed = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+        if len(listed) not in (1, k):
+            raise DataError(f"{len(listed)} masks for {k} categories; pass one mask or one each")
+        shaped = []
+        for m in listed:
+            m = np.asarray(m, self.dtype)
+            try:
+                np.broadcast_shapes(m.shape, tuple(taken))
+            except ValueError:
+                raise DataError(
+                    f"mask of shape {m.shape} does not broadcast against output "
+                    f"'{self.output}' without its category axis, {tuple(taken)}"
+                ) from None
+            m = m.reshape((1,) * (len(taken) - m.ndim) + m.shape)
+            shaped.append(np.expand_dims(m, self.axis))
+        common = np.broadcast_shapes(*(m.shape for m in shaped))
+        return np.stack([np.broadcast_to(m, common) for m in shaped])
+
+
+_K = "onnxcut_num_categories"
+
+
+def _add_objective(
+    proto: ModelProto, index: GraphIndex, output: str, axis: int, classes: int
+) -> tuple[ModelProto, str]:
+    """Add the category and mask inputs and the seed dS/d(output) they define."""
+    model = ModelProto()
+    model.CopyFrom(proto)
+    dtype = index.dtype(output) or TensorProto.FLOAT
+    np_dtype = _NP.get(dtype, np.float32)
+    rank = len(index.shape(output) or [])
+    g = model.graph
+    g.input.extend(
+        [
+            helper.make_tensor_value_info(CATEGORIES, TensorProto.INT64, ["K"]),
+            helper.make_tensor_value_info(MASK, dtype, [f"mask_{i}" for i in range(rank + 1)]),
+        ]
+    )
+    consts = {
+        "objective/depth": np.asarray([classes], np.int64),
+        "objective/values": np.asarray([0, 1], np_dtype),
+        "objective/onehot_shape": np.asarray(
+            [-1] + [classes if i == axis else 1 for i in range(rank)], np.int64
+        ),
+        "objective/one": np.asarray([1], np.int64),
+        "objective/minus_one": np.asarray([-1], np.int64),
+        "objective/end": np.asarray([np.iinfo(np.int64).max], np.int64),
+    }
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    nodes = [
+        ("Shape", [CATEGORIES], _K, {}),
+        (
+            "OneHot",
+            [CATEGORIES, "objective/depth", "objective/values"],
+            "objective/onehot",
+            {"axis": -1},
+        ),
+        ("Reshape", ["objective/onehot", "objective/onehot_shape"], "objective/onehot_r", {}),
+        ("Mul", ["objective/onehot_r", MASK], "objective/masked", {}),
+        ("Shape", [output], "objective/out_shape", {}),
+        ("Concat", ["objective/one", "objective/out_shape"], "objective/expand_shape", {"axis": 0}),
+        ("Expand", ["objective/masked", "objective/expand_shape"], "objective/seed_k", {}),
+        ("Slice", ["objective/out_shape", "objective/one", "objective/end"], "objective/tail", {}),
+        ("Concat", ["objective/minus_one", "objective/tail"], "objective/seed_shape", {"axis": 0}),
+        ("Reshape", ["objective/seed_k", "objective/seed_shape"], "objective/seed", {}),
+    ]
+    g.node.extend(helper.make_node(op, ins, [out], name=out, **kw) for op, ins, out, kw in nodes)
+    return model, "objective/seed"
