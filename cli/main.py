@@ -15,7 +15,10 @@ from onnxcut.errors import OnnxcutError
 
 # verb -> "module:function"; modules load only when their verb runs, so --help stays fast.
 COMMANDS = {
+    "attribute": "onnxcut.cli.attribute:attribute_cmd",
     "inspect": "onnxcut.cli.inspect:inspect_cmd",
+    "merge": "onnxcut.cli.merge:merge_cmd",
+    "plan": "onnxcut.cli.plan:plan_cmd",
 }
 
 

@@ -473,6 +473,21 @@ def _check_writable(path: Path, source: str | None) -> None:
         raise OutputError(f"{path}: is a folder; give a file name such as {path}/model.onnx")
 
 
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a text file atomically (temporary file beside it, then rename)."""
+    path = Path(path)
+    _check_writable(path, None)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def sha256(path: str | os.PathLike[str]) -> str:
     """Return the hex sha256 of a file's bytes."""
     h = hashlib.sha256()

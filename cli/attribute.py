@@ -1,0 +1,161 @@
+"""`onnxcut attribute`: per-layer, per-category channel scores over an image folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from onnxcut.cli.options import input_shape_option, model_argument
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated numbers, got '{text}'", param_hint=flag
+        ) from None
+
+
+def _size(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected HxW, got '{text}'", param_hint="--size") from None
+    return [h, w]
+
+
+@click.command("attribute")
+@model_argument
+@click.option("--data", "data_dir", required=True, type=click.Path(), help="Image folder.")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="SCORES.npz")
+@click.option("--task", type=click.Choice(["auto", "segment", "classify"]), default="auto")
+@click.option(
+    "--tau",
+    type=float,
+    default=0.9,
+    show_default=True,
+    help="Confidence threshold for the category masks / confident samples.",
+)
+@click.option("--masks", type=click.Path(), help="Label masks with the images' stems.")
+@click.option("--output", help="Output holding the categories (default: the only one).")
+@click.option("--category-axis", type=int, help="Category axis of that output (default 1).")
+@click.option("--probs", type=click.Choice(["softmax", "sigmoid", "identity"]))
+@click.option("--layers", help="Comma-separated producer nodes to probe (default: all Conv).")
+@click.option(
+    "--class-names",
+    type=click.Path(exists=True, dir_okay=False),
+    help="File with one category name a line, in index order.",
+)
+@click.option("--preprocess", "preprocess_file", type=click.Path(), help="Preprocess JSON.")
+@click.option("--size", help="Resize images to HxW.")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]))
+@click.option("--channels", type=click.Choice(["rgb", "bgr", "gray"]))
+@click.option("--scale", type=float)
+@click.option("--mean", help="a,b,c")
+@click.option("--std", help="a,b,c")
+@click.option("--batch", type=int, default=8, show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu")
+@click.option("--threads", type=int)
+@click.option(
+    "--grad",
+    type=click.Choice(["symbolic", "finite-diff", "ort-training"]),
+    default="symbolic",
+    show_default=True,
+)
+@click.option("--shard", help="K/N: take the K-th of N deterministic slices of the images.")
+@click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint.")
+@input_shape_option
+def attribute_cmd(
+    model,
+    data_dir,
+    out,
+    task,
+    tau,
+    masks,
+    output,
+    category_axis,
+    probs,
+    layers,
+    class_names,
+    preprocess_file,
+    size,
+    layout,
+    channels,
+    scale,
+    mean,
+    std,
+    batch,
+    provider,
+    threads,
+    grad,
+    shard,
+    resume,
+    input_shapes,
+) -> None:
+    """Score the channels of MODEL's layers per category over the images in --data."""
+    from onnxcut.attribution import AttributeOptions, attribute
+    from onnxcut.graph import parse_input_shapes
+    from onnxcut.scores import save_scores
+
+    out_path = Path(out)
+    if not out_path.parent.is_dir():
+        raise click.UsageError(f"{out}: folder '{out_path.parent}' does not exist")
+    overrides = {
+        "size": _size(size),
+        "layout": layout,
+        "channels": channels,
+        "scale": scale,
+        "mean": _floats(mean, "--mean"),
+        "std": _floats(std, "--std"),
+    }
+    names = None
+    if class_names:
+        names = tuple(
+            line.strip() for line in Path(class_names).read_text().splitlines() if line.strip()
+        )
+    opts = AttributeOptions(
+        task=task,
+        tau=tau,
+        output=output,
+        category_axis=category_axis,
+        probs=probs,
+        layers=tuple(layers.split(",")) if layers else None,
+        batch=batch,
+        provider=provider,
+        threads=threads,
+        grad=grad,
+        shard=shard,
+        masks=masks,
+        class_names=names,
+        preprocess_file=preprocess_file,
+        preprocess=overrides,
+        input_shapes=parse_input_shapes(input_shapes),
+    )
+    checkpoint = out_path.with_name(out_path.name + ".partial")
+    with click.progressbar(
+        length=1, label="attribute", file=click.get_text_stream("stderr"), show_pos=True
+    ) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        scores = attribute(
+            model, data_dir, opts, checkpoint=checkpoint, resume=resume, progress=progress
+        )
+    scores.meta.pop("done", None)
+    save_scores(scores, out_path)
+    checkpoint.unlink(missing_ok=True)
+    seen = ", ".join(
+        f"{c}:{int(n)}" for c, n in zip(scores.categories, scores.count, strict=True) if n
+    )
+    click.echo(
+        f"{out}: {scores.meta['images']} images ({scores.meta['skipped']} skipped), "
+        f"{len(scores.layers())} layers; images per category {seen or 'none'}"
+    )

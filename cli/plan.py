@@ -1,0 +1,95 @@
+"""`onnxcut plan`: choose the channels the chosen categories need, as a plan file."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def selection_options(f):
+    """Options shared by `plan` and `extract --scores`."""
+    for option in reversed(
+        [
+            click.option("--classes", required=True, help="Categories to keep, e.g. 4,8."),
+            click.option(
+                "--alpha",
+                type=float,
+                default=0.9,
+                show_default=True,
+                help="Share of the forward-vector mass a kept channel must be in.",
+            ),
+            click.option(
+                "--beta",
+                type=float,
+                default=0.9,
+                show_default=True,
+                help="Share of the backward-vector mass a kept channel must be in.",
+            ),
+            click.option("--layers", help="last:N or comma-separated layers to cut (default all)."),
+            click.option("--min-keep", type=int, help="Keep at least N channels per group."),
+            click.option(
+                "--background",
+                default="0",
+                show_default=True,
+                help="Head channel kept besides the classes (segmentation), or none.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def build_plan(
+    model: str | None,
+    scores_path: str,
+    classes: str,
+    alpha: float,
+    beta: float,
+    layers: str | None,
+    min_keep: int | None,
+    background: str,
+) -> dict:
+    from pathlib import Path
+
+    from onnxcut.errors import DataError
+    from onnxcut.graph import load, sha256
+    from onnxcut.scores import load_scores
+    from onnxcut.selection import Selection, make_plan, parse_classes
+
+    if model is None:
+        model = load_scores(scores_path).meta.get("model_path")
+        if not model or not Path(model).is_file():
+            raise DataError(
+                f"{scores_path}: the model it was made from ({model}) is not there; "
+                "pass --model MODEL"
+            )
+    scores = load_scores(scores_path, sha256(model))
+    if background.lower() == "none":
+        bg = None
+    else:
+        try:
+            bg = int(background)
+        except ValueError:
+            raise DataError(f"--background '{background}': an index or none") from None
+    sel = Selection(parse_classes(classes, scores.categories), alpha, beta, layers, min_keep, bg)
+    return make_plan(load(model), scores, sel)
+
+
+@click.command("plan")
+@click.argument("scores", type=click.Path(dir_okay=False))
+@selection_options
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False),
+    help="The model SCORES was made from (default: the path recorded in SCORES).",
+)
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+def plan_cmd(scores, classes, alpha, beta, layers, min_keep, background, model, out) -> None:
+    """Write the plan (kept channels per layer, head outputs) for --classes from SCORES."""
+    from onnxcut.graph import write_text
+
+    plan = build_plan(model, scores, classes, alpha, beta, layers, min_keep, background)
+    write_text(out, json.dumps(plan, indent=1))
+    kept = sum(len(v) for v in plan["keep"].values())
+    click.echo(f"{out}: {len(plan['keep'])} groups cut, {kept} channels kept in them")

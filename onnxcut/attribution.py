@@ -1,0 +1,269 @@
+"""attribute(): per-layer, per-category channel scores streamed over an image folder.
+
+Segmentation (Disassembler): for image i and category k the high-confidence mask M is the
+pixels whose probability for k exceeds tau (and, with label masks, whose label is k).
+    forward  f = relu(sum_{p in M} F[c, p]) normalised over channels c
+    backward b = sum_{p in M} relu(dS_k/dF[c, p]) normalised, S_k = sum_{p in M} score[k, p]
+with M resized (nearest) to each feature map F. Classification (CNN LEGO): an image counts
+for the class it is predicted as (or labelled, in an ImageFolder) with probability >= tau; the
+sums run over the whole feature map and S is the class logit.
+Each image's vectors are quantised and added to per-category sums, so memory stays flat and
+shards, resumed runs and single runs agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxcut import data
+from onnxcut.errors import DataError, ModelError
+from onnxcut.gradient_runner import GradientRunner
+from onnxcut.graph import default_batch_inplace, infer_shapes, load, sha256
+from onnxcut.probe import Head, channel_counts, find_head, probabilities, probe_layers
+from onnxcut.scores import Scores, load_scores, quantize, save_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttributeOptions:
+    task: str = "auto"  # auto, segment or classify
+    tau: float = 0.9
+    output: str | None = None
+    category_axis: int | None = None
+    probs: str | None = None
+    layers: tuple[str, ...] | None = None
+    batch: int = 8
+    provider: str = "cpu"
+    threads: int | None = None
+    grad: str = "symbolic"
+    shard: str | None = None
+    masks: str | None = None  # label-mask folder (segment)
+    class_names: tuple[str, ...] | None = None
+    preprocess_file: str | None = None  # JSON; overrides the model's metadata
+    preprocess: dict[str, Any] = field(default_factory=dict)  # flag overrides, key by key
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    checkpoint_every: int = 64  # images between checkpoints
+
+
+def _settings(
+    opts: AttributeOptions,
+    head: Head,
+    task: str,
+    layers: dict[str, str],
+    pre: data.Preprocess,
+    sha: str,
+) -> dict[str, Any]:
+    from onnxcut import __version__
+
+    return {
+        "model_sha256": sha,
+        "task": task,
+        "tau": opts.tau,
+        "output": head.output,
+        "score": head.score,
+        "category_axis": head.axis,
+        "probs": head.probs,
+        "objective": "sum of the category's score over its confidence mask"
+        if task == "segment"
+        else "the class score (logit)",
+        "preprocess": pre.to_json(),
+        "grad": opts.grad,
+        "layers": list(layers),
+        "features": list(layers.values()),
+        "labels": bool(opts.masks) or (task == "classify" and opts.class_names is not None),
+        "top_k": None,
+        "onnxcut_version": __version__,
+    }
+
+
+def _run_info(model: str | os.PathLike[str]) -> dict[str, Any]:
+    """Facts of this run that shards of one run may differ in."""
+    return {"model_path": str(Path(model).resolve())}
+
+
+def attribute(
+    model: str | os.PathLike[str],
+    images: str | os.PathLike[str],
+    options: AttributeOptions | None = None,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Scores:
+    """Score every probed layer's channels per category over the images under `images`.
+
+    With `checkpoint`, partial sums are saved there every `checkpoint_every` images; with
+    `resume`, a run picks up from that file. `progress(done, total)` is called per batch.
+    """
+    opts = options or AttributeOptions()
+    if not 0 < opts.tau < 1:
+        raise DataError(f"--tau {opts.tau}: use a probability between 0 and 1")
+    proto = load(model, opts.input_shapes)
+    # Images run one at a time through the backward graph, whose rules need static shapes.
+    if default_batch_inplace(proto):
+        infer_shapes(proto)
+    head = find_head(proto, opts.output, opts.category_axis, opts.probs)
+    task = opts.task if opts.task != "auto" else ("segment" if head.spatial else "classify")
+    if task == "segment" and not head.spatial:
+        raise ModelError(f"output '{head.output}' is not spatial (N, K, H, W); use --task classify")
+    pre = data.preprocess_from(proto, opts.preprocess_file, opts.preprocess)
+    pre = data.fit_to_model(pre, proto)
+    layers = probe_layers(proto, opts.layers, head)
+    sha = sha256(model)
+    k, n = data.parse_shard(opts.shard)
+    root = Path(images)
+    paths = data.shard(data.list_images(root), k, n)
+    labels = _label_source(opts, task, root, head)
+    settings = _settings(opts, head, task, layers, pre, sha)
+    categories = [str(i) for i in range(head.n_categories)]
+    if opts.class_names is not None:
+        if len(opts.class_names) != head.n_categories:
+            raise DataError(
+                f"--class-names lists {len(opts.class_names)} names, the model has "
+                f"{head.n_categories} categories"
+            )
+        categories = list(opts.class_names)
+    scores = Scores.empty(
+        categories,
+        channel_counts(proto, layers),
+        ("forward", "backward"),
+        {**settings, **_run_info(model), "images": 0, "skipped": 0, "shard": opts.shard, "done": 0},
+    )
+    if resume and checkpoint and Path(checkpoint).exists():
+        scores = _resume(checkpoint, scores)
+    runner = GradientRunner(
+        proto, head, layers, provider=opts.provider, threads=opts.threads, backend=opts.grad
+    )
+    done = saved = int(scores.meta["done"])
+    step = max(opts.batch, 1)
+    for start in range(done, len(paths), step):
+        chunk = paths[start : start + step]
+        for path in chunk:
+            image = data.read_image(path, pre)
+            if image is None:
+                log.warning("%s: unreadable or corrupt image, skipped", path)
+                scores.meta["skipped"] += 1
+                continue
+            label = labels(path, image.shape[:2]) if labels else None
+            _accumulate(
+                scores, runner, data.to_input(image, pre)[None], head, task, opts.tau, label
+            )
+            scores.meta["images"] += 1
+        scores.meta["done"] = start + len(chunk)
+        if progress:
+            progress(scores.meta["done"], len(paths))
+        if checkpoint and scores.meta["done"] - saved >= opts.checkpoint_every:
+            save_scores(scores, checkpoint)
+            saved = scores.meta["done"]
+    if scores.meta["images"] == 0:
+        raise DataError(f"none of the {len(paths)} images could be read; check the files")
+    return scores
+
+
+def _resume(checkpoint: str | os.PathLike[str], fresh: Scores) -> Scores:
+    saved = load_scores(checkpoint)
+    for key in sorted(fresh.meta.keys() - {"images", "skipped", "done", "model_path"}):
+        if saved.meta.get(key) != fresh.meta.get(key):
+            raise DataError(
+                f"{checkpoint}: checkpoint was made with another '{key}' "
+                f"({saved.meta.get(key)!r}); delete it or rerun with those settings"
+            )
+    log.info("resuming after %d images", saved.meta["done"])
+    return saved
+
+
+def _label_source(opts: AttributeOptions, task: str, root: Path, head: Head):
+    """Return label(path, (H, W)) -> label mask or class index, or None without labels."""
+    if task == "segment":
+        if not opts.masks:
+            return None
+        mask_dir = Path(opts.masks)
+        if not mask_dir.is_dir():
+            raise DataError(f"--masks {mask_dir}: not a folder")
+
+        def segment_label(path: Path, size: tuple[int, int]) -> np.ndarray | None:
+            found = data.mask_path(mask_dir, path, root)
+            if found is None:
+                log.warning("%s: no label mask in %s; confidence alone is used", path, mask_dir)
+                return None
+            return data.read_mask(found, size, head.n_categories)
+
+        return segment_label
+    folders = [p for p in root.iterdir() if p.is_dir()]
+    if not folders:
+        return None
+    mapping = data.class_folders(root, opts.class_names)
+    bad = [f for f, i in mapping.items() if i >= head.n_categories]
+    if bad:
+        raise DataError(
+            f"class folder '{bad[0]}' maps to class {mapping[bad[0]]}, the model has "
+            f"{head.n_categories}; check --class-names"
+        )
+
+    def class_label(path: Path, size: tuple[int, int]) -> int:
+        return mapping[path.relative_to(root).parts[0]]
+
+    return class_label
+
+
+def _accumulate(
+    scores: Scores, runner: GradientRunner, x: np.ndarray, head: Head, task: str, tau: float, label
+) -> None:
+    score, outputs = runner.forward(x)
+    probs = probabilities(score, head, outputs)[0]  # (K, H, W) or (K,)
+    probs = np.moveaxis(probs, head.axis - 1, 0)
+    if task == "segment":
+        masks = probs > tau  # (K, H, W)
+        if label is not None:
+            label = _fit_label(label, masks.shape[1:])
+            masks &= label[None] == np.arange(head.n_categories)[:, None, None]
+        present = np.flatnonzero(masks.reshape(len(masks), -1).any(1))
+    else:
+        k = int(label) if label is not None else int(np.argmax(probs))
+        present = np.array([k] if probs[k] >= tau else [], np.int64)
+        masks = np.ones((head.n_categories, 1, 1), bool)
+    if present.size == 0:
+        return
+    acts, grads = runner.gradients(x, present, masks[present])
+    for name in runner.layers:
+        f = acts[name][0]  # (C, h, w) or (C,)
+        g = grads[name]  # (P, C, h, w) or (P, C)
+        if f.ndim == 1:
+            f, g = f[:, None, None], g[:, :, None, None]
+        m = _resize(masks[present], f.shape[1:]).astype(np.float32)  # (P, h, w)
+        fsum = np.einsum("chw,phw->pc", f, m, dtype=np.float64)
+        gsum = np.einsum("pchw,phw->pc", np.maximum(g, 0), m, dtype=np.float64)
+        scores.arrays[f"forward/{name}"][present] += quantize(_normalise(np.maximum(fsum, 0)))
+        scores.arrays[f"backward/{name}"][present] += quantize(_normalise(gsum))
+    scores.count[present] += 1
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    total = v.sum(axis=-1, keepdims=True)
+    return np.divide(v, total, out=np.zeros_like(v), where=total > 0)
+
+
+def _resize(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from onnxcut.probe import resize_masks
+
+    if masks.shape[1:] == (1, 1):
+        return np.ones((len(masks), *size), bool)
+    return resize_masks(masks, size)
+
+
+def _fit_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bring a label mask at image size to the output's size (nearest)."""
+    from onnxcut.probe import resize_masks
+
+    return resize_masks(label, size)
+
+
+__all__ = ["AttributeOptions", "attribute", "replace"]

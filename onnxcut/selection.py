@@ -1,0 +1,179 @@
+"""From scores to a plan: the channels each chosen category needs, united over categories.
+
+For category k and layer L, the forward vector f (mean over images of each image's masked
+activation sums, normalised) and the backward vector b (likewise for the positive gradients)
+each rank the channels. A channel "ranks high" in a vector when it belongs to the smallest set
+of top channels that holds `alpha` (for f) or `beta` (for b) of the vector's mass. Category k
+keeps the channels that rank high in both; the layer keeps the union over the chosen
+categories. Coupled producers (one channel group) keep the union of their kept sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import ModelProto
+
+from onnxcut.errors import DataError
+from onnxcut.scores import Scores
+
+PLAN_FORMAT = "onnxcut.plan/1"
+
+
+@dataclass(frozen=True)
+class Selection:
+    classes: tuple[int, ...]
+    alpha: float = 0.9
+    beta: float = 0.9
+    layers: str | None = None  # None (all scored), "last:N", or comma-separated node names
+    min_keep: int | None = None  # pad small keep-sets to this size instead of failing
+    background: int | None = 0  # segmentation head channel kept besides the classes
+
+
+def parse_classes(text: str | Sequence[int | str], categories: Sequence[str]) -> tuple[int, ...]:
+    """Turn `4,8` (indices or category names) into sorted unique indices, checked."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for item in items:
+        item = str(item).strip()
+        if item in categories and not item.isdigit():
+            out.append(categories.index(item))
+            continue
+        try:
+            k = int(item)
+        except ValueError:
+            raise DataError(
+                f"--classes '{item}': not an index or a category name "
+                f"({', '.join(categories[:12])}...)"
+            ) from None
+        if not 0 <= k < len(categories):
+            raise DataError(
+                f"--classes {k} is out of range: the model has {len(categories)} "
+                f"categories (0..{len(categories) - 1})"
+            )
+        out.append(k)
+    if not out:
+        raise DataError("--classes is empty; name at least one category, e.g. --classes 4,8")
+    return tuple(sorted(set(out)))
+
+
+def mass_set(vector: np.ndarray, share: float) -> np.ndarray:
+    """Boolean mask of the fewest top entries holding `share` of the vector's mass."""
+    v = np.maximum(np.asarray(vector, np.float64), 0.0)
+    total = v.sum()
+    keep = np.zeros(v.shape, bool)
+    if total <= 0 or share <= 0:
+        return keep
+    order = np.argsort(-v, kind="stable")
+    needed = int(np.searchsorted(np.cumsum(v[order]), share * total * (1 - 1e-12))) + 1
+    keep[order[:needed]] = True
+    return keep
+
+
+def select_layer(scores: Scores, layer: str, sel: Selection) -> np.ndarray:
+    """Channels (bool, (C,)) that layer `layer` keeps for the chosen categories."""
+    forward = scores.mean("forward", layer)  # (K, C)
+    backward = scores.mean("backward", layer) if f"backward/{layer}" in scores.arrays else None
+    keep = np.zeros(forward.shape[1], bool)
+    for k in sel.classes:
+        mine = mass_set(forward[k], sel.alpha)
+        if backward is not None:
+            mine &= mass_set(backward[k], sel.beta)
+        keep |= mine
+    return keep
+
+
+def _ranking(scores: Scores, layer: str, classes: Sequence[int]) -> np.ndarray:
+    total = scores.mean("forward", layer)[list(classes)].sum(0)
+    if f"backward/{layer}" in scores.arrays:
+        total = total + scores.mean("backward", layer)[list(classes)].sum(0)
+    return np.argsort(-total, kind="stable")
+
+
+def _chosen_layers(scores: Scores, spec: str | None) -> list[str]:
+    layers = scores.layers("forward")
+    if not spec:
+        return layers
+    if spec.startswith("last:"):
+        try:
+            n = int(spec[5:])
+        except ValueError:
+            n = 0
+        if n <= 0:
+            raise DataError(f"--layers '{spec}': expected last:N with N >= 1")
+        return layers[-n:]
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        raise DataError(
+            f"--layers: {', '.join(unknown)} not in the scores file; scored layers: "
+            f"{', '.join(layers[:6])}..."
+        )
+    return names
+
+
+def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
+    """Return the plan JSON (onnxcut.plan/1) for the chosen categories."""
+    from onnxcut.deps import trace
+
+    for name, value in (("alpha", sel.alpha), ("beta", sel.beta)):
+        if not 0 < value <= 1:
+            raise DataError(
+                f"--{name} {value} keeps nothing or is not a share; use 0 < {name} <= 1"
+            )
+    unseen = [scores.categories[k] for k in sel.classes if scores.count[k] == 0]
+    if unseen:
+        raise DataError(
+            f"categor{'y' if len(unseen) == 1 else 'ies'} {', '.join(unseen)} never "
+            "reached the confidence threshold in any image; lower --tau or add "
+            "images showing it"
+        )
+    groups = trace(model)
+    keep_by_group: dict[int, np.ndarray] = {}
+    owner: dict[int, str] = {}
+    for layer in _chosen_layers(scores, sel.layers):
+        if layer not in groups.producer_slots:
+            continue
+        group = groups.group_of(layer)
+        if not group.prunable:
+            continue
+        kept = select_layer(scores, layer, sel)
+        if group.id in keep_by_group and keep_by_group[group.id].shape == kept.shape:
+            kept = kept | keep_by_group[group.id]
+        keep_by_group[group.id], owner[group.id] = kept, owner.get(group.id, layer)
+    plan_keep = {}
+    for gid, kept in keep_by_group.items():
+        layer = owner[gid]
+        if kept.sum() < (sel.min_keep or 1):
+            if sel.min_keep is None:
+                raise DataError(
+                    f"layer '{layer}': alpha={sel.alpha}, beta={sel.beta} keep no channel; "
+                    "raise --alpha/--beta or pass --min-keep N"
+                )
+            order = _ranking(scores, layer, sel.classes)
+            kept = kept.copy()
+            for c in order:
+                if kept.sum() >= min(sel.min_keep, kept.size):
+                    break
+                kept[c] = True
+        plan_keep[layer] = [int(c) for c in np.flatnonzero(kept)]
+    plan = {
+        "format": PLAN_FORMAT,
+        "model_sha256": scores.meta.get("model_sha256"),
+        "keep": plan_keep,
+        "outputs": {},
+    }
+    output, axis = scores.meta.get("output"), scores.meta.get("category_axis", 1)
+    if output:
+        head = list(sel.classes)
+        if scores.meta.get("task") == "segment" and sel.background is not None:
+            if not 0 <= sel.background < len(scores.categories):
+                raise DataError(
+                    f"--background {sel.background} is out of range "
+                    f"(0..{len(scores.categories) - 1})"
+                )
+            head = sorted({sel.background, *head})
+        plan["outputs"][output] = {"axis": axis, "keep": head}
+    return plan
