@@ -75,7 +75,7 @@ def channelwise(t: Tracer, node: NodeProto) -> None:
         return
     for i in range(1, len(node.input)):
         if not t.slice_const(node, i, 0, cmap.slots):
-            t.freeze(cmap, _reason(node, f"has computed parameter '{node.input[i]}'"))
+            untraced(t, node, f"has computed parameter '{node.input[i]}'")
     t.set(node.output[0], cmap)
 
 
@@ -188,7 +188,9 @@ def _input_map(t: Tracer, node: NodeProto, axis: int) -> ChannelMap | None:
 
 def _bias(t: Tracer, node: NodeProto, i: int, out: np.ndarray) -> None:
     if len(node.input) > i and node.input[i] and not t.slice_const(node, i, 0, out):
-        t.freeze(out, _reason(node, f"has computed bias '{node.input[i]}'"))
+        reason = _reason(node, f"has computed bias '{node.input[i]}'")
+        t.freeze(out, reason)
+        t.freeze(t.get(node.input[i]), reason)
 
 
 @rule("Conv")
@@ -288,7 +290,9 @@ def gemm(t: Tracer, node: NodeProto) -> None:
     if len(node.input) > 2 and node.input[2]:
         shape = t.shape(node.input[2]) or []
         if shape and shape[-1] != 1 and not t.slice_const(node, 2, len(shape) - 1, out):
-            t.freeze(out, _reason(node, f"has computed bias '{node.input[2]}'"))
+            _bias(t, node, 2, out)
+        else:
+            t.freeze(t.get(node.input[2]), _reason(node, "adds a traced tensor as bias"))
     t.set(node.output[0], ChannelMap(1, out))
 
 

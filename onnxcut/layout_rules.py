@@ -130,9 +130,10 @@ def concat(t: Tracer, node: NodeProto) -> None:
         # A constant part carries constant channels, sliced with whatever they couple to.
         slots = t.new_slots(PAD, f"{node.name}:{i}", d) if axis == caxis else first.slots
         if not t.slice_const(node, i, caxis, slots):
-            t.freeze(slots, _reason(node, f"joins untraced tensor '{name}'"))
             if axis != caxis:
+                untraced(t, node, f"joins untraced tensor '{name}' along another axis")
                 return
+            t.freeze(slots, _reason(node, f"joins untraced tensor '{name}'"))
         parts.append(slots)
     slots = np.concatenate(parts) if axis == caxis else first.slots
     t.set(out, ChannelMap(caxis, slots))

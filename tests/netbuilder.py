@@ -102,8 +102,9 @@ class NetBuilder:
         inputs = list(self.inputs)
         if self.ir_version is not None and self.ir_version < 4:
             # Before IR 4 every initializer is also declared as a graph input.
-            inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                       for t in self.inits]
+            inputs += [
+                helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.inits
+            ]
         graph = helper.make_graph(self.nodes, "net", inputs, outs, self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         model.ir_version = self.ir_version or min(model.ir_version, 8)
@@ -231,6 +232,13 @@ class NetBuilder:
         value = self.rng.uniform(0.5, 1.5, (c, 1, 1)).astype(np.float32)
         return self._node(op, [x, self.const(value, "chan")])
 
+    def axis_const(self, op: str, x: str, axis: int = -1) -> str:
+        """Op with a constant that varies along `axis` only (e.g. a MatMul bias on -1)."""
+        shape = self.shape(x)
+        axis = axis % len(shape)
+        value = self.rng.uniform(0.5, 1.5, [shape[axis]] + [1] * (len(shape) - 1 - axis))
+        return self._node(op, [x, self.const(value.astype(np.float32), "axis_c")])
+
     def scalar_const(self, op: str, x: str, value: float = 2.0) -> str:
         return self._node(op, [x, self.const(np.float32(value), "scalar")])
 
@@ -291,3 +299,26 @@ class NetBuilder:
         s = self.relu(self.conv(self.gap(x), max(c // reduction, 1), k=1))
         gate = self._node("HardSigmoid", [self.conv(s, c, k=1)], alpha=1 / 6, beta=0.5)
         return self.mul(x, gate)
+
+    def instance_norm(self, x: str) -> str:
+        c = self.channels(x)
+        scale = self.const(self.rng.uniform(0.5, 1.5, c).astype(np.float32), "in_s")
+        bias = self.const((self.rng.standard_normal(c) * 0.1).astype(np.float32), "in_b")
+        return self._node("InstanceNormalization", [x, scale, bias])
+
+    def reduce_mean(self, x: str, axes: Sequence[int], keepdims: bool = True) -> str:
+        if self.opset >= 18:
+            return self._node("ReduceMean", [x, self._int64(axes)], keepdims=int(keepdims))
+        return self._node("ReduceMean", [x], axes=list(axes), keepdims=int(keepdims))
+
+    def view_flat(self, x: str) -> str:
+        """x.view(x.size(0), -1) as the TorchScript exporter writes it: Shape arithmetic."""
+        n = self._node("Gather", [self._node("Shape", [x]), self._int64([0])], axis=0)
+        target = self._node("Concat", [n, self._int64([-1])], axis=0)
+        return self._node("Reshape", [x, target])
+
+    def channel_shuffle(self, x: str, groups: int) -> str:
+        """ShuffleNet's Reshape -> Transpose -> Reshape over the channel axis."""
+        n, c, h, w = self.shape(x)
+        y = self.reshape(x, [n, groups, c // groups, h, w])
+        return self.reshape(self.transpose(y, [0, 2, 1, 3, 4]), [n, c, h, w])

@@ -1,0 +1,243 @@
+"""extract and mask: for any keep-set, the sliced model equals the masked one on kept outputs."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from onnxcut.deps import ChannelTrace, trace
+from onnxcut.graph import graph_inputs, load
+from onnxcut.plan import Plan, parse_plan, resolve
+from onnxcut.runtime import run
+from onnxcut.surgery import extract, kept_positions, mask
+
+from netbuilder import NetBuilder
+
+
+# -- model families -----------------------------------------------------------------------
+def _block(b: NetBuilder, x: str, cout: int, stride: int = 1, bn: bool = True) -> str:
+    """ResNet basic block; a 1x1 projection when the shape changes."""
+    norm = b.bn if bn else (lambda t: t)
+    y = b.relu(norm(b.conv(x, cout, stride=stride, bias=not bn)))
+    y = norm(b.conv(y, cout, bias=not bn))
+    short = x if stride == 1 and b.channels(x) == cout else norm(b.conv(x, cout, 1, stride=stride))
+    return b.relu(b.add(y, short))
+
+
+def resnet(bn: bool = True, weights: str = "initializer") -> onnx.ModelProto:
+    b = NetBuilder((1, 3, 16, 16), weights=weights, seed=1)
+    x = b.relu(b.bn(b.conv(b.input, 8)) if bn else b.conv(b.input, 8))
+    x = _block(b, _block(b, x, 8, bn=bn), 8, bn=bn)
+    x = _block(b, _block(b, x, 12, stride=2, bn=bn), 12, bn=bn)
+    return b.build([b.gemm(b.flatten(b.gap(x)), 6)], dynamic_batch=True)
+
+
+def unet() -> onnx.ModelProto:
+    b = NetBuilder((1, 3, 16, 16), seed=2)
+    e1 = b.relu(b.bn(b.conv(b.relu(b.bn(b.conv(b.input, 6))), 6)))
+    e2 = b.relu(b.bn(b.conv(b.maxpool(e1), 10)))
+    e3 = b.relu(b.conv(b.maxpool(e2), 12))
+    d2 = b.relu(b.bn(b.conv(b.concat([b.conv_transpose(e3, 8), e2]), 8)))
+    d1 = b.relu(b.conv(b.concat([e1, b.conv_transpose(d2, 6)]), 6))
+    return b.build([b.conv(d1, 5, 1)])
+
+
+def deeplab() -> onnx.ModelProto:
+    """Residual backbone, ASPP with dilations and an image-pooling branch, linear upsample."""
+    b = NetBuilder((1, 3, 16, 16), seed=3)
+    x = b.relu(b.bn(b.conv(b.input, 8, stride=2)))
+    x = _block(b, x, 8)
+    branches = [b.relu(b.bn(b.conv(x, 6, 1)))]
+    branches += [b.relu(b.bn(b.conv(x, 6, 3, dilation=r))) for r in (2, 3)]
+    pooled = b.relu(b.conv(b.gap(x), 6, 1))
+    branches.append(b.resize_to(pooled, [8, 8], mode="nearest"))
+    x = b.relu(b.bn(b.conv(b.concat(branches), 8, 1)))
+    return b.build([b.resize(b.conv(x, 4, 1), 2.0, mode="linear")])
+
+
+def densenet() -> onnx.ModelProto:
+    b = NetBuilder((1, 3, 12, 12), seed=4)
+    x = b.conv(b.input, 6)
+    for _ in range(3):
+        x = b.concat([x, b.conv(b.relu(b.bn(x)), 4)])
+    x = b.avgpool(b.conv(b.relu(b.bn(x)), 8, 1))
+    return b.build([b.axis_const("Add", b.matmul(b.view_flat(b.gap(x)), 5))])
+
+
+def mobilenet() -> onnx.ModelProto:
+    """Depthwise (and multiplier-2) convs, SE gates, spelled hard-swish, grouped conv, PRelu."""
+    b = NetBuilder((1, 3, 16, 16), seed=5)
+    x = b.hardswish_spelled(b.bn(b.conv(b.input, 8, stride=2)))
+    y = b.hardswish(b.bn(b.conv(x, 8, group=8)))
+    y = b.bn(b.conv(b.se(y), 8, 1))
+    x = b.add(x, y)
+    y = b.prelu(b.channel_const("Mul", b.conv(x, 16, group=8)))
+    y = b.channel_const("Add", b.se(y))
+    x = b.leaky_relu(b.conv(y, 12, 1, group=4))  # grouped: hint below
+    x = b.unary("Sigmoid", b.channel_const("Div", x))
+    return b.build([b.gemm(b.flatten(b.gap(x)), 4)])
+
+
+def tflite() -> onnx.ModelProto:
+    """NHWC input, Transposes around convs, residuals widened by a channel Pad in NHWC."""
+    b = NetBuilder((1, 3, 12, 12), seed=6, layout="nhwc")
+    x = b.relu(b.conv(b.input, 4))
+    nhwc = b.transpose(x, [0, 2, 3, 1])
+    y = b.transpose(b.conv(b.relu(b.conv(x, 6)), 6), [0, 2, 3, 1])
+    z = b.relu(b.add(y, b.pad(nhwc, [0, 0, 0, 0, 0, 0, 0, 2])))  # 4 -> 6 channels
+    z = b.transpose(z, [0, 3, 1, 2])
+    w = b.conv(b.relu(b.conv(z, 6)), 6)
+    z = b.add(z, w)
+    return b.build([b.gemm(b.reshape(b.gap(z), [1, 6]), 3)])
+
+
+def vgg() -> onnx.ModelProto:
+    """Flatten -> Gemm, channel Split and Slice, nearest Resize, Reshape into Gemm."""
+    b = NetBuilder((1, 3, 8, 8), seed=7)
+    x = b.maxpool(b.relu(b.bn(b.conv(b.input, 8))))
+    left, right = b.split(x, [3, 5])
+    x = b.concat([b.conv(left, 4), b.conv(right, 4), b.slice(x, 2, 6)])
+    x = b.resize(b.relu(b.conv(x, 6)), 2.0, "nearest")
+    x = b.maxpool(b.maxpool(x))
+    head = b.gemm(b.relu(b.gemm(b.flatten(x), 10)), 4)
+    aux = b.gemm(b.reshape(x, [1, 6 * 2 * 2]), 2)
+    return b.build([head, aux])
+
+
+def mixing() -> onnx.ModelProto:
+    """Ops that mix channels without weights (frozen) beside ones that do not."""
+    b = NetBuilder((1, 3, 8, 8), seed=8)
+    a = b.relu(b.conv(b.input, 8))
+    s = b.softmax(b.conv(a, 6, 1))  # frozen: softmax over channels
+    c = b.channel_shuffle(b.conv(s, 6), 2)  # frozen: shuffle
+    m = b.add(b.instance_norm(b.conv(a, 6, 1)), b.reduce_mean(b.conv(a, 4), [1]))
+    x = b.concat([c, m, b.reduce_mean(b.conv(a, 6), [2], keepdims=True)], axis=2)
+    x = b.concat([x, b.conv(a, 6)], axis=2)
+    return b.build([b.gemm(b.view_flat(b.maxpool(x)), 3)])
+
+
+FAMILIES: dict[str, Callable[[], onnx.ModelProto]] = {
+    "mixing": mixing,
+    "resnet": resnet,
+    "resnet_folded_constnodes": functools.partial(resnet, bn=False, weights="constant"),
+    "unet": unet,
+    "deeplab": deeplab,
+    "densenet": densenet,
+    "mobilenet": mobilenet,
+    "tflite": tflite,
+    "vgg": vgg,
+}
+# Groups feeding or fed by a grouped (not depthwise) conv keep the same count in each conv
+# group: per family, channel count -> block size of the drawn keep pattern.
+BLOCKS = {"mobilenet": {8: 2, 12: 3}}
+
+
+@functools.cache
+def family(name: str) -> tuple[onnx.ModelProto, ChannelTrace]:
+    model = load(FAMILIES[name]())
+    return model, trace(model)
+
+
+# -- plans and comparison -----------------------------------------------------------------
+def random_plan(channels: ChannelTrace, draw_bool, draw_subset, blocks: dict[int, int]) -> Plan:
+    """Draw kept classes for some cuttable groups, repair empty tensors, write the plan."""
+    n_classes = len(channels.class_group)
+    kept = np.ones(n_classes, dtype=bool)
+    for group in channels.groups:
+        if group.reason is not None or not draw_bool():
+            continue
+        classes = np.flatnonzero(channels.class_group == group.id)
+        kept[classes] = draw_subset(len(classes), blocks.get(len(classes)))
+    for cmap in channels.maps.values():  # a tensor must keep a channel: give one back
+        classes = channels.slot_class[cmap.slots]
+        if not kept[classes].any():
+            kept[classes[0]] = True
+    keep, outputs = {}, {}
+    touched = set(channels.class_group[~kept].tolist())
+    for group in channels.groups:
+        if group.id not in touched:
+            continue
+        for p in group.producers:
+            keep[p] = kept_positions_of(channels, kept, channels.producer_slots[p])
+        for out in group.outputs:
+            axis = channels.maps[out].axis
+            outputs[out] = {"axis": axis, "keep": kept_positions(channels, kept, out).tolist()}
+    return parse_plan({"keep": keep, "outputs": outputs})
+
+
+def kept_positions_of(channels: ChannelTrace, kept: np.ndarray, slots: np.ndarray) -> list[int]:
+    return np.flatnonzero(kept[channels.slot_class[slots]]).tolist()
+
+
+def feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for v in graph_inputs(model):
+        d = [x.dim_value if x.dim_value > 0 else batch for x in v.type.tensor_type.shape.dim]
+        out[v.name] = rng.standard_normal(d).astype(np.float32)
+    return out
+
+
+def assert_same_on_kept(original: onnx.ModelProto, plan: Plan) -> None:
+    cut, masked = extract(original, plan), mask(original, plan)
+    x = feeds(original)
+    got, want = run(cut, x), run(masked, x)
+    channels = trace(load(original))
+    kept = resolve(plan, channels)
+    for name, ref in want.items():
+        if name in plan.outputs:
+            ref = np.take(ref, kept_positions(channels, kept, name), axis=plan.outputs[name].axis)
+        assert got[name].shape == ref.shape, name
+        scale = float(np.abs(ref).max()) or 1.0
+        np.testing.assert_allclose(got[name], ref, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+
+
+def check_random_plan(name: str, data) -> None:
+    model, channels = family(name)
+
+    def draw_subset(n: int, block: int | None) -> np.ndarray:
+        size = block or n
+        bits = np.array(data.draw(st.lists(st.booleans(), min_size=size, max_size=size)))
+        if not bits.any():
+            bits[data.draw(st.integers(0, size - 1))] = True
+        return np.tile(bits, n // size)
+
+    blocks = BLOCKS.get(name, {})
+    plan = random_plan(channels, lambda: data.draw(st.booleans()), draw_subset, blocks)
+    assert_same_on_kept(model, plan)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_extract_equals_mask(name: str, data):
+    check_random_plan(name, data)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(FAMILIES)), data=st.data())
+def test_extract_equals_mask_long(name: str, data):
+    check_random_plan(name, data)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_keep_everything_is_exact(name: str):
+    model, _ = family(name)
+    x = feeds(model, seed=1)
+    want = run(model, x)
+    got = run(extract(model, {}), x)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_families_have_cuttable_groups(name: str):
+    _, channels = family(name)
+    assert sum(g.reason is None for g in channels.groups) >= 2, channels.groups
