@@ -9,10 +9,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcut.errors import DataError, ModelError, OnnxcutError, UnsupportedOpError
 from onnxcut.grad import VJP_RULES, backward, prepare
 from onnxcut.grad.registry import vjp
 from onnxcut.graph import load
 from onnxcut.runtime import session
+
+from conftest import SAMPLE_MODELS, SAMPLE_NAMES
+from netbuilder import NetBuilder
 
 EPS = 1e-2
 
@@ -428,3 +432,241 @@ def test_rule_matches_finite_differences(case: Case):
 def test_duplicate_rule_is_refused():
     with pytest.raises(ValueError, match="duplicate VJP rule for op 'Relu'"):
         vjp("Relu")(lambda g, s: (s.g,))
+
+
+# -- whole networks ---------------------------------------------------------------------------
+def _fd_channel_sums(model, feeds, name, output, category, axis=1, mask=None) -> np.ndarray:
+    """(N, C) central differences of S when a whole channel of `name` shifts, in the full
+    model: an independent reference for every backend."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for node in m.graph.node:
+        node.output[:] = [f"{o}__pre" if o == name else o for o in node.output]
+    m.graph.input.append(helper.make_tensor_value_info("delta", TensorProto.FLOAT, None))
+    m.graph.node.append(helper.make_node("Add", [f"{name}__pre", "delta"], [name]))
+    m.graph.output.extend(
+        [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in (name, output)]
+    )
+    sess = session(m, optimize=False)
+    base = sess.run([name], {**feeds, "delta": np.zeros((), np.float32)})[0]
+    eps = 1e-3 * float(np.sqrt(np.mean(base.astype(np.float64) ** 2)))
+
+    def score(delta):
+        (y,) = sess.run([output], {**feeds, "delta": delta})
+        taken = np.take(y.astype(np.float64), category, axis=axis)
+        taken = taken * mask if mask is not None else taken
+        return taken.reshape(len(taken), -1).sum(1)
+
+    sums = np.zeros(base.shape[:2])
+    for ch in range(base.shape[1]):
+        delta = np.zeros(base.shape, np.float32)
+        delta[:, ch] = eps
+        sums[:, ch] = (score(delta) - score(-delta)) / (2 * eps)
+    return sums
+
+
+def _assert_sums(got, want):
+    np.testing.assert_allclose(got, want, rtol=3e-2, atol=3e-2 * np.abs(want).max() + 1e-6)
+
+
+def segmenter(opset: int = 17, nhwc_out: bool = False):
+    """Every op family an exported segmenter mixes; returns (model, conv outputs, output)."""
+    b = NetBuilder((2, 3, 16, 16), opset=opset, seed=3)
+    c1 = b.conv(b.input, 8, stride=2, pads=[0, 0, 1, 1])
+    x = b.hardswish(b.bn(c1))
+    c2 = b.conv(x, 8, group=8)
+    x = b.se(b.prelu(c2))
+    c3 = b.conv(b.maxpool(x, k=3, stride=2, pads=(1, 1, 1, 1)), 12, dilation=2)
+    up = b.resize(b.clip(c3), 2.0, "linear")
+    x = b.concat([up, b.leaky_relu(b.conv(x, 4, k=1))])
+    c4 = b.conv(b.avgpool(x), 6)
+    up2 = b.conv_transpose(b.unary("Sigmoid", c4), 5, k=4, stride=4)
+    out = b.transpose(up2, [0, 2, 3, 1]) if nhwc_out else up2
+    return b.build([out]), [c1, c2, c3, c4], out
+
+
+def classifier():
+    b = NetBuilder((2, 3, 12, 12), seed=4)
+    c1 = b.conv(b.input, 6)
+    x = b.relu(b.bn(c1))
+    c2 = b.conv(x, 6, auto_pad="SAME_UPPER", stride=2)
+    y = b.relu(b.bn(c2))
+    c3 = b.conv(b.pad(y, [0, 0, 1, 1, 0, 0, 1, 1]), 6, k=3, pads=[0, 0, 0, 0])
+    x = b.add(b.maxpool(x), b.relu(c3))
+    logits = b.gemm(b.flatten(b.gap(b.matmul(x, 6))), 5)
+    return b.build([b.softmax(logits)]), [c1, c2, c3], logits
+
+
+def _feeds(shape=(2, 3, 16, 16)):
+    return {"input": rand(*shape, seed=11, scale=1.0)}
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_segmenter_channel_sums_match_finite_differences(nhwc):
+    from onnxcut.grad import channel_sums
+
+    model, convs, out = segmenter(nhwc_out=nhwc)
+    axis = -1 if nhwc else 1
+    mask = (rand(16, 16, seed=5) > 0).astype(np.float32)
+    got = channel_sums(model, _feeds(), convs, out, category=2, axis=axis, mask=mask)
+    for name in convs:
+        _assert_sums(got[name], _fd_channel_sums(model, _feeds(), name, out, 2, axis, mask))
+
+
+def test_classifier_logits_before_softmax():
+    from onnxcut.grad import gradients
+
+    model, convs, logits = classifier()
+    feeds = _feeds((2, 3, 12, 12))
+    got = gradients(model, feeds, convs, logits, category=3)
+    for name in convs:
+        assert got[name].shape[:2] == (2, 6)
+        _assert_sums(got[name].sum(axis=(2, 3)), _fd_channel_sums(model, feeds, name, logits, 3))
+
+
+def test_categories_batched_equal_one_at_a_time():
+    from onnxcut.grad import GradientSession
+
+    model, convs, out = segmenter()
+    sess = GradientSession(model, convs, out)
+    assert sess.batched
+    masks = [np.ones((16, 16)), (rand(2, 16, 16, seed=6) > 0), np.eye(16)]
+    both = sess.run(_feeds(), [4, 0, 4], masks)
+    for k, (cat, mask) in enumerate(zip([4, 0, 4], masks, strict=True)):
+        one = sess.run(_feeds(), [cat], mask)
+        for name in convs:
+            np.testing.assert_allclose(
+                both.gradients[name][k], one.gradients[name][0], rtol=1e-5, atol=1e-6
+            )
+            np.testing.assert_array_equal(both.activations[name], one.activations[name])
+
+
+def test_old_opset_upsample_is_converted_and_differentiated():
+    b = NetBuilder((1, 2, 6, 6), opset=9, seed=2)
+    c1 = b.conv(b.input, 3)
+    scales = b.const(np.array([1, 1, 2, 2], np.float32), "scales")
+    up = b._node("Upsample", [b.relu(c1), scales], mode="linear")
+    out = b.conv(up, 2, k=1)
+    model = b.build([out])
+    from onnxcut.grad import channel_sums
+
+    feeds = {"input": rand(1, 2, 6, 6, seed=3, scale=1.0)}
+    got = channel_sums(model, feeds, [c1], out, category=1)
+    _assert_sums(got[c1], _fd_channel_sums(model, feeds, c1, out, 1))
+
+
+def test_finite_diff_backend_matches_symbolic():
+    from onnxcut.grad import channel_sums
+
+    model, convs, out = segmenter()
+    mask = np.ones((16, 16), np.float32)
+    sym = channel_sums(model, _feeds(), convs[2:], out, 1, mask=mask)
+    fd = channel_sums(model, _feeds(), convs[2:], out, 1, mask=mask, backend="finite-diff")
+    for name in convs[2:]:
+        _assert_sums(fd[name], sym[name])
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_sample_model_channel_sums(name):
+    path = SAMPLE_MODELS / f"{name}.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} not built yet (samples/train.py writes it)")
+    from onnxcut.grad import channel_sums
+
+    model = load(path)
+    convs = [n.output[0] for n in model.graph.node if n.op_type == "Conv"]
+    picked = [convs[1], convs[len(convs) // 2], convs[-2]]
+    inp = model.graph.input[0]
+    shape = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+    feeds = {inp.name: rand(*shape, seed=12, scale=1.0)}
+    out = model.graph.output[0].name
+    got = channel_sums(model, feeds, picked, out, category=1)
+    for t in picked:
+        _assert_sums(got[t], _fd_channel_sums(model, feeds, t, out, 1))
+
+
+# -- bad inputs -------------------------------------------------------------------------------
+def _tiny():
+    b = NetBuilder((1, 3, 8, 8))
+    c1 = b.conv(b.input, 4)
+    side = b.conv(b.input, 4)
+    out = b.conv(b.relu(c1), 3, k=1)
+    return b, c1, side, out
+
+
+def test_op_without_rule_names_node_and_suggests_finite_diff():
+    from onnxcut.grad import gradients
+
+    b, c1, _, _ = _tiny()
+    out = b.conv(b.unary("Softplus", c1), 2, k=1)
+    model = b.build([out])
+    with pytest.raises(UnsupportedOpError) as err:
+        gradients(model, _feeds((1, 3, 8, 8)), [c1], out, 0)
+    message = str(err.value)
+    assert "(Softplus): no VJP rule; supported: Add, AveragePool" in message
+    assert "--grad finite-diff" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "text"),
+    [
+        ({"wrt": ["nope"]}, ModelError, "tensor 'nope' is not in the graph"),
+        ({"wrt": ["SIDE"]}, ModelError, "does not lead to output"),
+        ({"output": "nope"}, ModelError, "output 'nope' is not a tensor"),
+        ({"category": 3}, DataError, "category 3 is out of range"),
+        ({"category": -1}, DataError, "category -1 is out of range"),
+        ({"mask": np.ones((7, 8))}, DataError, "does not broadcast"),
+        ({"axis": 4}, DataError, "axis 4 is out of range"),
+        ({"backend": "magic"}, OnnxcutError, "backend 'magic' unknown"),
+        ({"backend": "finite-diff"}, OnnxcutError, "per-channel sums only"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(kwargs, error, text):
+    from onnxcut.grad import gradients
+
+    b, c1, side, out = _tiny()
+    model = b.build([out, side])
+    args = {"wrt": [c1], "output": out, "category": 0, **kwargs}
+    args["wrt"] = [side if w == "SIDE" else w for w in args["wrt"]]
+    with pytest.raises(error, match=text) as err:
+        gradients(model, _feeds((1, 3, 8, 8)), **args)
+    assert "\n" not in str(err.value)
+
+
+def test_dynamic_shape_asks_for_input_shape():
+    from onnxcut.grad import gradients
+
+    b, c1, _, _ = _tiny()
+    out = b.conv(b.relu(c1), 3, stride=2)
+    model = b.build([out])
+    for d in (0, 2, 3):
+        model.graph.input[0].type.tensor_type.shape.dim[d].dim_param = f"d{d}"
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    with pytest.raises(
+        ModelError,
+        match=r"\(Conv\): its gradient needs the static shape.*"
+        r"--input-shape",
+    ):
+        gradients(model, _feeds((1, 3, 8, 8)), [c1], out, 0)
+
+
+def test_finite_diff_refuses_positive_part():
+    from onnxcut.grad import channel_sums
+
+    b, c1, _, out = _tiny()
+    with pytest.raises(OnnxcutError, match="signed channel sums only"):
+        channel_sums(
+            b.build([out]), _feeds((1, 3, 8, 8)), [c1], out, 0, backend="finite-diff", positive=True
+        )
+
+
+def test_positive_part_sums_only_positive_gradients():
+    from onnxcut.grad import GradientSession, channel_sums, reduce_channels
+
+    model, convs, out = segmenter()
+    pos = channel_sums(model, _feeds(), convs, out, 2, positive=True)
+    grads = GradientSession(model, convs, out).run(_feeds(), [2]).gradients
+    for name in convs:
+        want = np.maximum(grads[name][0], 0).sum(axis=(2, 3))
+        np.testing.assert_allclose(pos[name], want, rtol=1e-5, atol=1e-6)
+        assert (reduce_channels(grads[name], True, 3)[0] >= 0).all()

@@ -108,12 +108,19 @@ class Emitter:
         """Return a constant input's value, or None for a computed tensor."""
         return None if name is None else self.index.const(name)
 
-    def static_shape(self, name: str, node: NodeProto) -> tuple[int, ...]:
-        """Return a tensor's static shape, or say which flag fixes a dynamic one."""
-        shape = self.index.static_shape(name)
+    def static_shape(
+        self, name: str, node: NodeProto, axes: Sequence[int] | None = None
+    ) -> tuple[int, ...]:
+        """Return a tensor's shape, -1 for a dynamic batch dim; dynamic elsewhere (or on one
+        of `axes`, which the rule reads) is an error naming the flag that fixes it."""
+        dims = self.index.shape(name)
+        shape = None
+        if dims is not None and all(isinstance(d, int) and d > 0 for d in dims[1:]):
+            shape = tuple(d if isinstance(d, int) and d > 0 else -1 for d in dims)
+            if any(shape[a] < 0 for a in axes or ()):
+                shape = None
         if shape is None:
-            shown = self.index.shape(name)
-            text = "x".join(map(str, shown)) if shown is not None else "unknown"
+            text = "x".join(map(str, dims)) if dims is not None else "unknown"
             raise ModelError(
                 f"node '{node.name}' ({node.op_type}): its gradient needs the static shape of "
                 f"'{name}', which is {text}; pass --input-shape NAME:1x3xHxW to fix the input"
@@ -178,12 +185,10 @@ class Emitter:
 
     def reshape_target(self, name: str) -> str:
         """A Reshape target giving a forward tensor's shape in the backward batch."""
-        shape = self.index.static_shape(name)
-        if shape is None:
+        dims = self.index.shape(name)
+        if dims is None or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
             return self.shape_of(name)
-        if self.repeats is not None and name in self.varying:
-            return self.ints([-1, *shape[1:]])
-        return self.ints(shape)
+        return self.ints([-1, *dims[1:]])
 
     # -- common patterns ------------------------------------------------------------------
     def mul(self, a: str, b: str) -> str:

@@ -124,10 +124,10 @@ def _reduced_axes(g: Emitter, s: Site, rank: int) -> list[int] | None:
 
 @vjp("ReduceSum", "ReduceMean")
 def reduce(g: Emitter, s: Site):
-    xs = g.static_shape(s.x, s.node)
-    axes = _reduced_axes(g, s, len(xs))
+    axes = _reduced_axes(g, s, g.rank(s.x, s.node))
     if axes is None:
         return (s.g, None)
+    xs = g.static_shape(s.x, s.node, axes)
     dy = s.g
     if not int(s.attrs.get("keepdims", 1)):
         dy = g.op("Unsqueeze", [dy, g.ints(axes)])

@@ -26,8 +26,8 @@ def _constant(g: Emitter, s: Site, i: int, what: str) -> np.ndarray | None:
 
 @vjp("Concat")
 def concat(g: Emitter, s: Site):
-    shapes = [g.static_shape(i, s.node) for i in s.node.input]
-    axis = _axis(s, len(shapes[0]))
+    axis = _axis(s, g.rank(s.x, s.node))
+    shapes = [g.static_shape(i, s.node, [axis]) for i in s.node.input]
     sizes = [shape[axis] for shape in shapes]
     if len(sizes) == 1:
         return (s.g,)
@@ -46,11 +46,12 @@ def split(g: Emitter, s: Site):
 
 @vjp("Slice")
 def slice_(g: Emitter, s: Site):
-    xs = g.static_shape(s.x, s.node)
     starts, ends = _constant(g, s, 1, "starts"), _constant(g, s, 2, "ends")
     axes = _constant(g, s, 3, "axes")
     steps = _constant(g, s, 4, "steps")
-    axes = range(len(starts)) if axes is None else [int(a) % len(xs) for a in axes]
+    rank = g.rank(s.x, s.node)
+    axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in axes]
+    xs = g.static_shape(s.x, s.node, axes)
     steps = [1] * len(starts) if steps is None else [int(v) for v in steps]
     pads = [0] * (2 * len(xs))
     for axis, start, end, step in zip(axes, starts, ends, steps, strict=True):
@@ -80,7 +81,7 @@ def pad(g: Emitter, s: Site):
         for k, a in enumerate(axes):
             grow[a], grow[rank + a] = max(-begins[k], 0), max(-ends[k], 0)
         dy = g.op("Pad", [dy, g.ints(grow)])
-    ys = g.static_shape(s.y, s.node)
+    ys = g.static_shape(s.y, s.node, axes)
     starts = [max(b, 0) for b in begins]
     stops = [
         ys[a] + max(-b, 0) + max(-e, 0) - max(e, 0)
