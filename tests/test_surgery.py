@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,11 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from onnxcut.deps import ChannelTrace, trace
-from onnxcut.graph import graph_inputs, load
-from onnxcut.plan import Plan, parse_plan, resolve
+from onnxcut.errors import PlanError
+from onnxcut.graph import graph_inputs, load, save, sha256
+from onnxcut.plan import Plan, load_plan, parse_plan, resolve
 from onnxcut.runtime import run
-from onnxcut.surgery import extract, kept_positions, mask
+from onnxcut.surgery import CATEGORIES_KEY, extract, kept_positions, mask
 
+from conftest import SAMPLE_NAMES, sample_model
 from netbuilder import NetBuilder
 
 
@@ -241,3 +245,153 @@ def test_keep_everything_is_exact(name: str):
 def test_families_have_cuttable_groups(name: str):
     _, channels = family(name)
     assert sum(g.reason is None for g in channels.groups) >= 2, channels.groups
+
+
+# -- the sample models --------------------------------------------------------------------
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_sample_models_extract_equals_mask(name: str):
+    path = sample_model(name)
+    model = load(path)
+    channels = trace(model)
+    assert any(g.reason is None for g in channels.groups), channels.groups
+    rng = np.random.default_rng(0)
+
+    def draw_subset(n: int, block: int | None) -> np.ndarray:
+        bits = rng.random(n) < 0.5
+        bits[rng.integers(n)] = True
+        return bits
+
+    for _ in range(3):
+        plan = random_plan(channels, lambda: rng.random() < 0.7, draw_subset, {})
+        assert plan.keep
+        assert_same_on_kept(model, plan)
+    x = feeds(model)
+    want, got = run(model, x), run(extract(path, {}), x)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+# -- plan checks: one line each, naming what is wrong -------------------------------------
+def plan_error(model, plan) -> str:
+    with pytest.raises(PlanError) as info:
+        extract(model, plan)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_malformed_plan_files(tmp_path: Path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "onnxcut.plan/1", "keep": {')
+    with pytest.raises(PlanError, match="not valid JSON"):
+        load_plan(bad)
+    bad.write_text('{"keep": {}}')
+    with pytest.raises(PlanError, match="no 'format' key"):
+        load_plan(bad)
+    bad.write_text('{"format": "onnxcut.plan/9"}')
+    with pytest.raises(PlanError, match="not supported"):
+        load_plan(bad)
+    with pytest.raises(PlanError, match="no such plan file"):
+        load_plan(tmp_path / "missing.json")
+    for data, match in [
+        ({"keep": {"c": [1, 1]}}, "twice"),
+        ({"keep": {"c": []}}, "is empty"),
+        ({"keep": {"c": [-1]}}, "negative"),
+        ({"keep": {"c": "0,1"}}, "list of channel indices"),
+        ({"kep": {}}, "unknown key 'kep'"),
+        ({"outputs": {"logits": {"keep": []}}}, r"outputs\['logits'\] is empty"),
+        ({"model_sha256": "abc"}, "64 hex digits"),
+    ]:
+        with pytest.raises(PlanError, match=match):
+            parse_plan(data)
+
+
+def test_plan_names_unknown_or_non_producer_nodes():
+    model, _ = family("resnet")
+    assert "'nope', which is not in the model" in plan_error(model, {"keep": {"nope": [0]}})
+    relu = next(n.name for n in model.graph.node if n.op_type == "Relu")
+    assert "(Relu) owns no channels" in plan_error(model, {"keep": {relu: [0]}})
+
+
+def test_plan_index_out_of_range():
+    model, _ = family("resnet")
+    assert "channel 8 out of range; 'conv_11' has 8" in plan_error(
+        model, {"keep": {"conv_11": [8]}}
+    )
+
+
+def test_plan_touching_frozen_group_says_why():
+    model, _ = family("mixing")
+    message = plan_error(model, {"keep": {"conv_7": [0, 1]}})
+    assert "group 1 is frozen: node 'softmax_8' (Softmax) mixes channels" in message
+
+
+def test_coupled_producers_that_disagree_are_both_named():
+    model, _ = family("resnet")
+    message = plan_error(model, {"keep": {"conv_3": [0, 1, 2], "conv_19": [0, 1]}})
+    assert "keep['conv_3'] and keep['conv_19'] disagree" in message
+    assert extract(model, {"keep": {"conv_3": [0, 1], "conv_19": [0, 1]}})  # agreeing is fine
+
+
+def test_sha256_mismatch(tmp_path: Path):
+    model, _ = family("resnet")
+    path = save(model, tmp_path / "m.onnx")
+    other = "0" * 64
+    assert "not this model's" in plan_error(path, {"model_sha256": other, "keep": {}})
+    assert extract(path, {"model_sha256": sha256(path), "keep": {"conv_11": [0]}})
+
+
+def test_cutting_a_graph_output_needs_the_outputs_section():
+    model, _ = family("resnet")
+    message = plan_error(model, {"keep": {"gemm_90": [0, 1]}})
+    assert "add 'gemm_90_out' to the plan's outputs section" in message
+    assert "not a graph output" in plan_error(model, {"outputs": {"x": {"keep": [0]}}})
+    bad_axis = {"outputs": {"gemm_90_out": {"axis": 0, "keep": [0]}}}
+    assert "axis 0 given, its channels are on axis 1" in plan_error(model, bad_axis)
+
+
+def test_a_tensor_left_with_no_channel():
+    model, _ = family("vgg")  # slice(x, 2, 6) of conv_3's channels
+    message = plan_error(model, {"keep": {"conv_3": [0, 1, 6, 7]}})
+    assert "leaves tensor 'slice_22_out'" in message and "no channel" in message
+
+
+def test_grouped_conv_needs_even_groups():
+    model, _ = family("mobilenet")
+    message = plan_error(model, {"keep": {"conv_66": [0, 1, 2, 3]}})
+    assert "group=4) would keep [3, 1, 0, 0] output channels" in message
+
+
+# -- what extract writes ------------------------------------------------------------------
+def test_extract_records_categories_and_composes():
+    model, _ = family("unet")
+    once = extract(model, {"outputs": {"conv_57_out": {"keep": [0, 2, 4]}}})
+    props = {p.key: p.value for p in once.metadata_props}
+    assert json.loads(props[CATEGORIES_KEY]) == {"conv_57_out": [0, 2, 4]}
+    twice = extract(once, {"outputs": {"conv_57_out": {"keep": [0, 2]}}})
+    props = {p.key: p.value for p in twice.metadata_props}
+    assert json.loads(props[CATEGORIES_KEY]) == {"conv_57_out": [0, 4]}
+    assert twice.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 2
+
+
+def test_untouched_initializers_stay_bit_identical():
+    model, _ = family("resnet")
+    cut = extract(model, {"keep": {"conv_45": [0, 3, 5]}})
+    before = {t.name: t.SerializeToString() for t in model.graph.initializer}
+    after = {t.name: t.SerializeToString() for t in cut.graph.initializer}
+    changed = {k for k in before if after.get(k) != before[k]}
+    assert changed and all(k.startswith(("conv_w", "conv_b", "bn_")) for k in changed)
+    assert len(changed) <= 8  # conv_45's weights and bias, its BN and the next conv's weights
+    assert [n.op_type for n in cut.graph.node] == [n.op_type for n in model.graph.node]
+
+
+def test_mask_keeps_shapes_and_zeroes_consumer_weights():
+    model, _ = family("resnet")
+    masked = mask(model, {"keep": {"conv_45": [0, 3, 5]}})
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in masked.graph.initializer}
+    assert all(after[k].shape == v.shape for k, v in before.items())
+    changed = [k for k in before if not np.array_equal(before[k], after[k])]
+    assert len(changed) == 1  # the one conv that reads conv_45's channels
+    w = after[changed[0]]  # (cout, cin, kh, kw)
+    assert not w[:, [1, 2, 4]].any() and w[:, [0, 3, 5]].all()
