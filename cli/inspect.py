@@ -39,6 +39,21 @@ def _print_text(path: str, report: dict) -> None:
             f"{row['out_channels']!s:>6} {kernel:>7} {row['groups']:>6} "
             f"{_count(row['flops']) if row['flops'] is not None else '?':>15}"
         )
+    _print_groups(report)
+
+
+def _print_groups(report: dict) -> None:
+    groups = report["groups"]
+    n_prunable = sum(g["prunable"] for g in groups)
+    click.echo("")
+    click.echo(
+        f"channel groups: {len(groups)}, {n_prunable} prunable; "
+        f"{report['prunable_param_share']:.1%} of layer weights removable"
+    )
+    for g in groups:
+        state = "prunable" if g["prunable"] else f"frozen: {g['reason']}"
+        producers = ", ".join(g["producers"])
+        click.echo(f"  group {g['id']:<3} {g['channels']:>5} ch  {producers}  [{state}]")
 
 
 @click.command("inspect")

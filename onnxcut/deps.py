@@ -97,6 +97,17 @@ class ChannelGroup:
     def prunable(self) -> bool:
         return self.reason is None and not self.outputs
 
+    def to_dict(self) -> dict[str, object]:
+        """The inspect --json entry: id, producers, consumers, channels, prunable, reason."""
+        return {
+            "id": self.id,
+            "producers": self.producers,
+            "consumers": self.consumers,
+            "channels": self.channels,
+            "prunable": self.prunable,
+            "reason": self.frozen_reason,
+        }
+
     @property
     def frozen_reason(self) -> str | None:
         """Why a plain `keep` entry may not cut this group, or None."""
@@ -323,3 +334,30 @@ def _collect(t: Tracer) -> ChannelTrace:
 def build_groups(model: ModelProto | str | os.PathLike[str]) -> list[ChannelGroup]:
     """Return the channel groups of a model (a path or ModelProto; loaded and normalised)."""
     return trace(load(model)).groups
+
+
+def prunable_param_share(channels: ChannelTrace) -> float:
+    """Return the fraction of parameter-layer weight elements a plan could remove.
+
+    A weight element is removable when its output or its input channel is in a prunable group.
+    """
+    index = channels.index
+
+    def share(tensor: str) -> float:
+        cmap = channels.maps.get(tensor)
+        if cmap is None:
+            return 0.0
+        groups = channels.class_group[channels.slot_class[cmap.slots]]
+        return float(np.mean([g >= 0 and channels.groups[g].prunable for g in groups.tolist()]))
+
+    total = removable = 0.0
+    for node in index.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        w = index.initializers.get(node.input[1]) if len(node.input) > 1 else None
+        if w is None:
+            continue
+        size = float(np.prod(w.dims))
+        total += size
+        removable += size * (1 - (1 - share(node.output[0])) * (1 - share(node.input[0])))
+    return removable / total if total else 0.0

@@ -115,6 +115,18 @@ def summarize(model: ModelProto) -> dict[str, Any]:
         "flops_unit": "MACs",
         "nodes": len(model.graph.node),
         "layers": table,
+        **_groups(model),
+    }
+
+
+def _groups(model: ModelProto) -> dict[str, Any]:
+    """Channel groups (see onnxcut.deps) and the share of weights they make removable."""
+    from onnxcut.deps import prunable_param_share, trace
+
+    channels = trace(model)
+    return {
+        "groups": [g.to_dict() for g in channels.groups],
+        "prunable_param_share": prunable_param_share(channels),
     }
 
 

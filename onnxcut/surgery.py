@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,16 @@ log = logging.getLogger(__name__)
 
 CATEGORIES_KEY = "onnxcut.categories"
 ModelLike = ModelProto | str | os.PathLike[str]
+Shapes = Mapping[str, Sequence[int]]
 
 
-def extract(model: ModelLike, plan: PlanLike) -> ModelProto:
-    """Return the model with the plan's removed channels sliced out of every tensor."""
-    proto, channels, kept, plan = _prepare(model, plan)
+def extract(model: ModelLike, plan: PlanLike, *, input_shapes: Shapes | None = None) -> ModelProto:
+    """Return the model with the plan's removed channels sliced out of every tensor.
+
+    `model` is a path or ModelProto, `plan` a Plan, dict or plan file path; `input_shapes`
+    fixes dynamic inputs first (Flatten of dynamic spatial dims cannot be traced otherwise).
+    """
+    proto, channels, kept, plan = _prepare(model, plan, input_shapes)
     cut = _Cut(proto, channels, kept, slice_out=True)
     cut.apply()
     cut.finish_shapes()
@@ -40,15 +46,17 @@ def extract(model: ModelLike, plan: PlanLike) -> ModelProto:
     return proto
 
 
-def mask(model: ModelLike, plan: PlanLike) -> ModelProto:
+def mask(model: ModelLike, plan: PlanLike, *, input_shapes: Shapes | None = None) -> ModelProto:
     """Return the same-shaped model with removed channels' consumer weights zeroed."""
-    proto, channels, kept, _ = _prepare(model, plan)
+    proto, channels, kept, _ = _prepare(model, plan, input_shapes)
     _Cut(proto, channels, kept, slice_out=False).apply()
     onnx.checker.check_model(proto)
     return proto
 
 
-def _prepare(model: ModelLike, plan: PlanLike) -> tuple[ModelProto, ChannelTrace, np.ndarray, Plan]:
+def _prepare(
+    model: ModelLike, plan: PlanLike, input_shapes: Shapes | None
+) -> tuple[ModelProto, ChannelTrace, np.ndarray, Plan]:
     plan = as_plan(plan)
     digest = None
     if plan.model_sha256:
@@ -56,7 +64,7 @@ def _prepare(model: ModelLike, plan: PlanLike) -> tuple[ModelProto, ChannelTrace
             digest = hashlib.sha256(model.SerializeToString()).hexdigest()
         else:
             digest = sha256(model) if Path(model).is_file() else None
-    proto = load(model)
+    proto = load(model, input_shapes)
     channels = trace(proto)
     return proto, channels, resolve(plan, channels, digest), plan
 

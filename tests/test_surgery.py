@@ -395,3 +395,61 @@ def test_mask_keeps_shapes_and_zeroes_consumer_weights():
     assert len(changed) == 1  # the one conv that reads conv_45's channels
     w = after[changed[0]]  # (cout, cin, kh, kw)
     assert not w[:, [1, 2, 4]].any() and w[:, [0, 3, 5]].all()
+
+
+# -- the CLI --------------------------------------------------------------------------------
+def cli_run(*args):
+    from click.testing import CliRunner
+
+    from onnxcut.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def resnet_files(tmp_path: Path) -> tuple[Path, Path]:
+    model = save(family("resnet")[0], tmp_path / "resnet.onnx")
+    plan = tmp_path / "plan.json"
+    data = {"keep": {"conv_45": [0, 3, 5]}, "outputs": {"gemm_90_out": {"keep": [1, 2]}}}
+    parse_plan(data).save(plan)
+    return model, plan
+
+
+def test_cli_extract_and_mask(resnet_files, tmp_path: Path):
+    model, plan = resnet_files
+    result = cli_run("extract", model, "--plan", plan, "-o", tmp_path / "cut.onnx")
+    assert result.exit_code == 0, result.output
+    assert "params:" in result.output and "FLOPs:" in result.output and "->" in result.output
+    cut = onnx.load(tmp_path / "cut.onnx")
+    assert cut.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 2
+    result = cli_run("mask", model, "--plan", plan, "-o", tmp_path / "masked.onnx")
+    assert result.exit_code == 0, result.output
+    x = feeds(cut)
+    got, want = run(cut, x)["gemm_90_out"], run(tmp_path / "masked.onnx", x)["gemm_90_out"]
+    np.testing.assert_allclose(got, want[:, [1, 2]], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("verb", ["extract", "mask"])
+def test_cli_bad_inputs_exit_2_and_write_nothing(resnet_files, tmp_path: Path, verb: str):
+    model, plan = resnet_files
+    out = tmp_path / "out.onnx"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "onnxcut.plan/1", "keep": {"conv_99": [0]}}))
+    result = cli_run(verb, model, "--plan", bad, "-o", out)
+    assert result.exit_code == 2 and "'conv_99', which is not in the model" in result.output
+    result = cli_run(verb, model, "--plan", plan, "-o", model)
+    assert result.exit_code == 2 and "output is the input model" in result.output
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_cli_inspect_lists_groups(resnet_files):
+    model, _ = resnet_files
+    result = cli_run("inspect", model, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    group = report["groups"][0]
+    assert set(group) == {"id", "producers", "consumers", "channels", "prunable", "reason"}
+    assert group["producers"] == ["conv_3", "conv_19", "conv_36"] and group["prunable"]
+    assert 0.5 < report["prunable_param_share"] <= 1.0
+    text = cli_run("inspect", model).output
+    assert "channel groups: 7, 6 prunable" in text and "frozen: its channels reach" in text

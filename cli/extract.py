@@ -1,0 +1,68 @@
+"""`onnxcut extract`: write the smaller model a plan describes."""
+
+from __future__ import annotations
+
+import click
+from onnx import ModelProto
+
+from onnxcut.cli.options import input_shape_option, model_argument
+
+plan_option = click.option(
+    "--plan",
+    "plan_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Plan JSON (onnxcut.plan/1): kept channels by producer node and graph output.",
+)
+out_option = click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Path of the model to write (never the input).",
+)
+
+
+def sizes(model: ModelProto) -> tuple[int, int | None]:
+    """Return (params, FLOPs as MACs) of a model; dynamic batch counted as 1."""
+    from onnxcut.graph import default_batch_inplace, infer_shapes
+    from onnxcut.inspection import summarize
+
+    copy = ModelProto()
+    copy.CopyFrom(model)
+    if default_batch_inplace(copy):
+        infer_shapes(copy)
+    report = summarize(copy)
+    return report["params"], report["flops"]
+
+
+def echo_sizes(before: ModelProto, after: ModelProto) -> None:
+    for label, old, new, unit in zip(
+        ("params:", "FLOPs: "), sizes(before), sizes(after), ("", " MACs"), strict=True
+    ):
+        if old is None or new is None:
+            click.echo(f"{label} unknown (pass --input-shape)")
+        else:
+            click.echo(f"{label} {old:,} -> {new:,}{unit} ({new / max(old, 1):.1%})")
+
+
+@click.command("extract")
+@model_argument
+@plan_option
+@out_option
+@input_shape_option
+def extract_cmd(model: str, plan_path: str, output: str, input_shapes: tuple[str, ...]) -> None:
+    """Slice the channels a plan removes out of MODEL and write the smaller model.
+
+    --input-shape fixes those inputs in the written model too.
+    """
+    from onnxcut.graph import load, parse_input_shapes, save
+    from onnxcut.plan import load_plan
+    from onnxcut.surgery import extract
+
+    shapes = parse_input_shapes(input_shapes)
+    plan = load_plan(plan_path)
+    cut = extract(model, plan, input_shapes=shapes)
+    save(cut, output, source=model)
+    echo_sizes(load(model, shapes), cut)
+    click.echo(f"wrote {output}")
