@@ -19,10 +19,19 @@ def _scaled(g: Emitter, s: Site, factor: str, like: str) -> str:
     return g.mul(s.g, g.tile_like(factor, like))
 
 
-def _masked(g: Emitter, s: Site, condition: str, like: str, otherwise: str | None = None) -> str:
-    """dy where a forward condition holds, else `otherwise` (zero by default)."""
-    other = otherwise if otherwise is not None else g.scalar(0.0, s.y)
-    return g.op("Where", [g.tile_like(condition, like), s.g, other])
+def _masked(g: Emitter, s: Site, condition: str, like: str) -> str:
+    """dy where a forward condition holds, else zero.
+
+    Mul by a 0/1 factor: onnxruntime's Where is ~20x slower, and Sign ~3x slower than
+    Cast(Greater) on a (8, 16, 64, 64) tensor.
+    """
+    factor = g.op("Cast", [condition], to=g.index.dtype(like) or TensorProto.FLOAT)
+    return _scaled(g, s, factor, like)
+
+
+def _select(g: Emitter, s: Site, condition: str, like: str, otherwise: str) -> str:
+    """dy times 1 where a forward condition holds, else times `otherwise`."""
+    return _scaled(g, s, g.op("Where", [condition, g.scalar(1.0, like), otherwise]), like)
 
 
 @vjp("Relu")
@@ -34,15 +43,14 @@ def relu(g: Emitter, s: Site):
 def leaky_relu(g: Emitter, s: Site):
     alpha = float(s.attrs.get("alpha", 0.01))
     positive = g.op("Greater", [s.x, g.scalar(0.0, s.x)])
-    return (_masked(g, s, positive, s.x, g.mul(s.g, g.scalar(alpha, s.y))),)
+    return (_select(g, s, positive, s.x, g.scalar(alpha, s.x)),)
 
 
 @vjp("PRelu")
 def prelu(g: Emitter, s: Site):
     positive = g.op("Greater", [s.x, g.scalar(0.0, s.x)])
-    slope = g.fwd(s.node.input[1])
     # The slope's own gradient is a weight gradient: never built.
-    return (_masked(g, s, positive, s.x, g.mul(s.g, slope)), None)
+    return (_select(g, s, positive, s.x, s.node.input[1]), None)
 
 
 @vjp("Sigmoid")
