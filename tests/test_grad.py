@@ -670,3 +670,23 @@ def test_positive_part_sums_only_positive_gradients():
         want = np.maximum(grads[name][0], 0).sum(axis=(2, 3))
         np.testing.assert_allclose(pos[name], want, rtol=1e-5, atol=1e-6)
         assert (reduce_channels(grads[name], True, 3)[0] >= 0).all()
+
+
+def test_symbolic_matches_ort_training():
+    from onnxcut.grad import gradients
+    from onnxcut.grad.orttraining import available
+
+    if not available():
+        pytest.skip("onnxruntime-training not installed here (it needs its own environment)")
+    b = NetBuilder((2, 3, 12, 12), seed=6)
+    c1 = b.conv(b.input, 6)
+    x = b.maxpool(b.relu(c1), k=3, stride=2, pads=(1, 1, 1, 1))
+    c2 = b.conv(x, 6, stride=2)
+    c3 = b.conv(b.leaky_relu(c2), 6, group=6)
+    logits = b.gemm(b.flatten(b.gap(b.add(c3, c2))), 4)
+    model = b.build([logits])
+    feeds = _feeds((2, 3, 12, 12))
+    ours = gradients(model, feeds, [c1, c2, c3], logits, 2)
+    theirs = gradients(model, feeds, [c1, c2, c3], logits, 2, backend="ort-training")
+    for name in (c1, c2, c3):
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-5)
