@@ -218,7 +218,7 @@ def check_random_plan(name: str, data) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=35, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_extract_equals_mask(name: str, data):
     check_random_plan(name, data)
