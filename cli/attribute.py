@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -139,7 +140,7 @@ def attribute_cmd(
     )
     checkpoint = out_path.with_name(out_path.name + ".partial")
     with click.progressbar(
-        length=1, label="attribute", file=click.get_text_stream("stderr"), show_pos=True
+        length=1, label="attribute", file=sys.stderr, show_pos=True
     ) as bar:
 
         def progress(done: int, total: int) -> None:

@@ -17,6 +17,7 @@ from onnxcut.errors import OnnxcutError
 COMMANDS = {
     "attribute": "onnxcut.cli.attribute:attribute_cmd",
     "inspect": "onnxcut.cli.inspect:inspect_cmd",
+    "eval": "onnxcut.cli.eval:eval_cmd",
     "extract": "onnxcut.cli.extract:extract_cmd",
     "mask": "onnxcut.cli.mask:mask_cmd",
     "merge": "onnxcut.cli.merge:merge_cmd",

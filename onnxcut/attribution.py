@@ -2,7 +2,7 @@
 
 Segmentation (Disassembler): for image i and category k the high-confidence mask M is the
 pixels whose probability for k exceeds tau (and, with label masks, whose label is k).
-    forward  f = relu(sum_{p in M} F[c, p]) normalised over channels c
+    forward  f = sum_{p in M} |F[c, p]| normalised over channels c
     backward b = sum_{p in M} relu(dS_k/dF[c, p]) normalised, S_k = sum_{p in M} score[k, p]
 with M resized (nearest) to each feature map F. Classification (CNN LEGO): an image counts
 for the class it is predicted as (or labelled, in an ImageFolder) with probability >= tau; the
@@ -239,9 +239,11 @@ def _accumulate(
         if f.ndim == 1:
             f, g = f[:, None, None], g[:, :, None, None]
         m = _resize(masks[present], f.shape[1:]).astype(np.float32)  # (P, h, w)
-        fsum = np.einsum("chw,phw->pc", f, m, dtype=np.float64)
+        # Magnitudes: a feature map that no ReLU follows (a residual branch before its Add)
+        # carries signal in negative values too; after a ReLU this is the plain sum.
+        fsum = np.einsum("chw,phw->pc", np.abs(f), m, dtype=np.float64)
         gsum = np.einsum("pchw,phw->pc", np.maximum(g, 0), m, dtype=np.float64)
-        scores.arrays[f"forward/{name}"][present] += quantize(_normalise(np.maximum(fsum, 0)))
+        scores.arrays[f"forward/{name}"][present] += quantize(_normalise(fsum))
         scores.arrays[f"backward/{name}"][present] += quantize(_normalise(gsum))
     scores.count[present] += 1
 

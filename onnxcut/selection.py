@@ -5,13 +5,14 @@ activation sums, normalised) and the backward vector b (likewise for the positiv
 each rank the channels. A channel "ranks high" in a vector when it belongs to the smallest set
 of top channels that holds `alpha` (for f) or `beta` (for b) of the vector's mass. Category k
 keeps the channels that rank high in both; the layer keeps the union over the chosen
-categories. Coupled producers (one channel group) keep the union of their kept sets.
+categories (for segmentation, background included: the head keeps it). Coupled producers
+(one channel group) keep the union of their kept sets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from onnx import ModelProto
@@ -130,6 +131,13 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
             "reached the confidence threshold in any image; lower --tau or add "
             "images showing it"
         )
+    if scores.meta.get("task") == "segment" and sel.background is not None:
+        if not 0 <= sel.background < len(scores.categories):
+            raise DataError(
+                f"--background {sel.background} is out of range (0..{len(scores.categories) - 1})"
+            )
+        # The head keeps the background channel, so its kernels must stay too.
+        sel = replace(sel, classes=tuple(sorted({sel.background, *sel.classes})))
     groups = trace(model)
     keep_by_group: dict[int, np.ndarray] = {}
     owner: dict[int, str] = {}
@@ -167,13 +175,5 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
     }
     output, axis = scores.meta.get("output"), scores.meta.get("category_axis", 1)
     if output:
-        head = list(sel.classes)
-        if scores.meta.get("task") == "segment" and sel.background is not None:
-            if not 0 <= sel.background < len(scores.categories):
-                raise DataError(
-                    f"--background {sel.background} is out of range "
-                    f"(0..{len(scores.categories) - 1})"
-                )
-            head = sorted({sel.background, *head})
-        plan["outputs"][output] = {"axis": axis, "keep": head}
+        plan["outputs"][output] = {"axis": axis, "keep": list(sel.classes)}
     return plan

@@ -1,0 +1,188 @@
+"""attribute, merge and plan on the sample segmenter and classifier."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from onnxcut.attribution import AttributeOptions, attribute
+from onnxcut.cli.main import cli
+from onnxcut.errors import DataError
+from onnxcut.graph import load
+from onnxcut.scores import load_scores, merge, save_scores
+from onnxcut.selection import Selection, make_plan, mass_set
+
+from conftest import ROOT, sample_model
+
+SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val"
+DIGITS = ROOT / "samples" / "data" / "digits_cls" / "val"
+SEG = "deeplab_digits"
+CLS = "resnet_digits_cls"
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    """A dozen scenes with their label masks."""
+    root = tmp_path_factory.mktemp("scenes")
+    for kind in ("images", "masks"):
+        (root / kind).mkdir()
+        for path in sorted((SCENES / kind).glob("*.png"))[:12]:
+            shutil.copy(path, root / kind / path.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def seg_scores(scenes: Path):
+    return attribute(sample_model(SEG), scenes / "images", AttributeOptions(tau=0.7, batch=4))
+
+
+def _assert_same(a, b):
+    assert a.categories == b.categories and set(a.arrays) == set(b.arrays)
+    for key in a.arrays:
+        np.testing.assert_array_equal(a.arrays[key], b.arrays[key], err_msg=key)
+    np.testing.assert_array_equal(a.count, b.count)
+
+
+def test_segment_scores_layout(seg_scores):
+    s = seg_scores
+    assert s.meta["task"] == "segment" and s.meta["images"] == 12
+    assert len(s.categories) == 11 and s.count[0] == 12  # background is everywhere
+    for layer in s.layers():
+        f, b = s.get("forward", layer), s.get("backward", layer)
+        assert f.shape == b.shape and f.dtype == np.float64
+        seen = s.count > 0
+        # Each image adds one probability vector per category it shows.
+        np.testing.assert_allclose(f[seen].sum(1), s.count[seen], rtol=1e-6)
+        assert (f >= 0).all() and (b >= 0).all()
+
+
+def test_shards_merge_to_the_single_run(scenes: Path, seg_scores, tmp_path: Path):
+    parts = []
+    for k in (1, 2, 3):
+        opts = AttributeOptions(tau=0.7, batch=4, shard=f"{k}/3")
+        parts.append(
+            save_scores(
+                attribute(sample_model(SEG), scenes / "images", opts), tmp_path / f"s{k}.npz"
+            )
+        )
+    merged = merge(parts)
+    _assert_same(merged, seg_scores)
+    assert merged.meta["images"] == 12
+
+
+def test_merge_refuses_other_settings(scenes: Path, seg_scores, tmp_path: Path):
+    other = attribute(
+        sample_model(SEG), scenes / "images", AttributeOptions(tau=0.8, batch=4, shard="1/4")
+    )
+    with pytest.raises(DataError, match="'tau' differs"):
+        merge([seg_scores, other])
+
+
+def test_resume_equals_uninterrupted(scenes: Path, seg_scores, tmp_path: Path, monkeypatch):
+    checkpoint = tmp_path / "run.partial"
+    opts = AttributeOptions(tau=0.7, batch=4, checkpoint_every=4)
+    import onnxcut.attribution as attribution
+
+    real = attribution._accumulate
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # killed mid-way through the second batch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attribution, "_accumulate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        attribute(sample_model(SEG), scenes / "images", opts, checkpoint=checkpoint)
+    assert load_scores(checkpoint).meta["done"] == 4
+    monkeypatch.setattr(attribution, "_accumulate", real)
+    resumed = attribute(
+        sample_model(SEG), scenes / "images", opts, checkpoint=checkpoint, resume=True
+    )
+    _assert_same(resumed, seg_scores)
+
+
+def test_category_patterns_differ(tmp_path: Path):
+    """Forward vectors of two categories are less alike than those of two halves of one
+    category's images, as the Disassembler paper reports."""
+    images = sorted((SCENES / "images").glob("*.png"))[:60]
+    for path in images:
+        shutil.copy(path, tmp_path / path.name)
+    halves = [
+        attribute(sample_model(SEG), tmp_path, AttributeOptions(tau=0.7, shard=f"{k}/2"))
+        for k in (1, 2)
+    ]
+    whole = merge(halves)
+    seen = [k for k in range(1, 11) if min(h.count[k] for h in halves) >= 3]
+    assert len(seen) >= 4, whole.count
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    for layer in whole.layers()[-3:]:
+        f = whole.mean("forward", layer)
+        a, b = (h.mean("forward", layer) for h in halves)
+        within = np.mean([cos(a[k], b[k]) for k in seen])
+        between = np.mean([cos(f[i], f[j]) for i in seen for j in seen if i < j])
+        assert between < within, (layer, between, within)
+
+
+def test_plan_keeps_head_and_is_never_empty(seg_scores):
+    model = load(sample_model(SEG))
+    plan = make_plan(model, seg_scores, Selection(classes=(3, 5)))
+    assert plan["keep"] and all(plan["keep"].values())
+    (output,) = plan["outputs"]
+    assert plan["outputs"][output]["keep"] == [0, 3, 5]
+
+
+def test_mass_set():
+    v = np.array([0.5, 0.3, 0.15, 0.05])
+    assert mass_set(v, 0.5).tolist() == [True, False, False, False]
+    assert mass_set(v, 0.8).tolist() == [True, True, False, False]
+    assert mass_set(v, 1.0).tolist() == [True, True, True, True]
+    assert not mass_set(np.zeros(3), 0.9).any()
+
+
+def test_bad_inputs(tmp_path: Path, seg_scores):
+    model = sample_model(SEG)
+    with pytest.raises(DataError, match="no images"):
+        attribute(model, tmp_path)
+    (tmp_path / "x.png").write_bytes(b"broken")
+    with pytest.raises(DataError, match="none of the 1 images could be read"):
+        attribute(model, tmp_path)
+    with pytest.raises(DataError, match="--tau"):
+        attribute(model, tmp_path, AttributeOptions(tau=1.5))
+    with pytest.raises(DataError, match="size 32x32 does not match"):
+        attribute(model, tmp_path, AttributeOptions(preprocess={"size": [32, 32]}))
+    with pytest.raises(DataError, match="out of range"):
+        make_plan(load(model), seg_scores, Selection(classes=(3, 5), background=42))
+    (tmp_path / "bad.npz").write_bytes(b"nonsense")
+    with pytest.raises(DataError, match="not a readable scores"):
+        load_scores(tmp_path / "bad.npz")
+    with pytest.raises(DataError, match="another model"):
+        load_scores(save_scores(seg_scores, tmp_path / "s.npz"), "0" * 64)
+
+
+def test_cli_attribute_plan_extract(tmp_path: Path, scenes: Path):
+    runner = CliRunner()
+    model = str(sample_model(SEG))
+    out = tmp_path / "s.npz"
+    result = runner.invoke(
+        cli, ["attribute", model, "--data", str(scenes / "images"), "-o", str(out), "--tau", "0.7"]
+    )
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "s.npz.partial").exists()
+    result = runner.invoke(
+        cli, ["plan", str(out), "--classes", "3,5", "-o", str(tmp_path / "p.json")]
+    )
+    assert result.exit_code == 0, result.output
+    bad = runner.invoke(
+        cli, ["plan", str(out), "--classes", "3,11", "-o", str(tmp_path / "q.json")]
+    )
+    assert bad.exit_code == 2 and "--classes 11 is out of range" in bad.output
+    assert not (tmp_path / "q.json").exists()
