@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 from onnx import ModelProto
 
 from onnxcut.cli.options import input_shape_option, model_argument
+from onnxcut.cli.plan import selection_options
 
 plan_option = click.option(
     "--plan",
@@ -48,20 +51,53 @@ def echo_sizes(before: ModelProto, after: ModelProto) -> None:
 
 @click.command("extract")
 @model_argument
-@plan_option
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Plan JSON (onnxcut.plan/1); or give --scores with --classes instead.",
+)
+@click.option(
+    "--scores",
+    type=click.Path(dir_okay=False),
+    help="Make the plan from SCORES.npz and --classes in the same step.",
+)
+@partial(selection_options, classes_required=False)
 @out_option
 @input_shape_option
-def extract_cmd(model: str, plan_path: str, output: str, input_shapes: tuple[str, ...]) -> None:
+def extract_cmd(
+    model: str,
+    plan_path: str | None,
+    scores: str | None,
+    classes: str | None,
+    alpha: float,
+    beta: float,
+    layers: str | None,
+    min_keep: int | None,
+    background: str,
+    output: str,
+    input_shapes: tuple[str, ...],
+) -> None:
     """Slice the channels a plan removes out of MODEL and write the smaller model.
 
+    Give either --plan, or --scores with --classes (plan and extract in one step).
     --input-shape fixes those inputs in the written model too.
     """
+    from onnxcut.cli.plan import build_plan
     from onnxcut.graph import load, parse_input_shapes, save
-    from onnxcut.plan import load_plan
+    from onnxcut.plan import load_plan, parse_plan
     from onnxcut.surgery import extract
 
+    if (plan_path is None) == (scores is None):
+        raise click.UsageError("give either --plan PLAN.json or --scores SCORES.npz --classes")
+    if scores is not None and not classes:
+        raise click.UsageError("--scores needs --classes, e.g. --classes 4,8")
     shapes = parse_input_shapes(input_shapes)
-    plan = load_plan(plan_path)
+    if scores is not None:
+        built = build_plan(model, scores, classes, alpha, beta, layers, min_keep, background)
+        plan = parse_plan(built, scores)
+    else:
+        plan = load_plan(plan_path)
     cut = extract(model, plan, input_shapes=shapes)
     save(cut, output, source=model)
     echo_sizes(load(model, shapes), cut)

@@ -7,11 +7,11 @@ import json
 import click
 
 
-def selection_options(f):
+def selection_options(f, classes_required: bool = True):
     """Options shared by `plan` and `extract --scores`."""
     for option in reversed(
         [
-            click.option("--classes", required=True, help="Categories to keep, e.g. 4,8."),
+            click.option("--classes", required=classes_required, help="Categories, e.g. 4,8."),
             click.option(
                 "--alpha",
                 type=float,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import onnx
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -44,3 +46,9 @@ def sample_model(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} missing: run `python samples/train.py` to make it")
     return path
+
+
+# CI replays the same examples every run; local runs keep exploring new ones.
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")

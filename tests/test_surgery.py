@@ -194,11 +194,14 @@ def assert_same_on_kept(original: onnx.ModelProto, plan: Plan) -> None:
     got, want = run(cut, x), run(masked, x)
     channels = trace(load(original))
     kept = resolve(plan, channels)
-    for name, ref in want.items():
+    for name, full in want.items():
+        ref = full
         if name in plan.outputs:
             ref = np.take(ref, kept_positions(channels, kept, name), axis=plan.outputs[name].axis)
         assert got[name].shape == ref.shape, name
-        scale = float(np.abs(ref).max()) or 1.0
+        # Float32 error scales with the output's magnitude, not with one kept channel that
+        # happens to cancel to near zero.
+        scale = float(np.abs(full).max()) or 1.0
         np.testing.assert_allclose(got[name], ref, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
 
 
