@@ -4,6 +4,8 @@ Segmentation (Disassembler): for image i and category k the high-confidence mask
 pixels whose probability for k exceeds tau (and, with label masks, whose label is k).
     forward  f = sum_{p in M} |F[c, p]| normalised over channels c
     backward b = sum_{p in M} relu(dS_k/dF[c, p]) normalised, S_k = sum_{p in M} score[k, p]
+    taylor   t = |sum_{p in M} F[c, p] dS_k/dF[c, p]| normalised (the first-order change of
+             S_k when channel c is zeroed; an addition to the papers' two vectors)
 with M resized (nearest) to each feature map F. Classification (CNN LEGO): an image counts
 for the class it is predicted as (or labelled, in an ImageFolder) with probability >= tau; the
 sums run over the whole feature map and S is the class logit.
@@ -134,7 +136,7 @@ def attribute(
     scores = Scores.empty(
         categories,
         channel_counts(proto, layers),
-        ("forward", "backward"),
+        ("forward", "backward", "taylor"),
         {**settings, **_run_info(model), "images": 0, "skipped": 0, "shard": opts.shard, "done": 0},
     )
     if resume and checkpoint and Path(checkpoint).exists():
@@ -245,6 +247,9 @@ def _accumulate(
         gsum = np.einsum("pchw,phw->pc", np.maximum(g, 0), m, dtype=np.float64)
         scores.arrays[f"forward/{name}"][present] += quantize(_normalise(fsum))
         scores.arrays[f"backward/{name}"][present] += quantize(_normalise(gsum))
+        # First-order change of S_k when channel c is zeroed: |sum_M F_c dS_k/dF_c|.
+        tsum = np.abs(np.einsum("chw,pchw,phw->pc", f, g, m, dtype=np.float64))
+        scores.arrays[f"taylor/{name}"][present] += quantize(_normalise(tsum))
     scores.count[present] += 1
 
 

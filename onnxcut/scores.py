@@ -3,7 +3,7 @@
 Keys (every array float64 unless said):
     forward/<layer>    (K, C) sum over images of each image's forward probability vector
     backward/<layer>   (K, C) sum over images of each image's backward coefficient vector
-    relevance/<layer>  (K, C) classify mode: route relevance propagated from the output
+    taylor/<layer>     (K, C) sum over images of |sum_M F dS/dF| per channel, normalised
     count              (K,) images that contributed to each category
     categories         (K,) category names, strings
     meta               0-d string: JSON with model_sha256, task, tau, objective, preprocess,
@@ -29,7 +29,7 @@ import numpy as np
 from onnxcut.errors import DataError
 
 FORMAT = "onnxcut.scores/1"
-KINDS = ("forward", "backward", "relevance")
+KINDS = ("forward", "backward", "taylor", "relevance")
 # Settings that must agree for files to be merged; images and shards add up instead.
 MERGE_KEYS = (
     "format",

@@ -31,6 +31,7 @@ class Selection:
     layers: str | None = None  # None (all scored), "last:N", or comma-separated node names
     min_keep: int | None = None  # pad small keep-sets to this size instead of failing
     background: int | None = 0  # segmentation head channel kept besides the classes
+    criterion: str = "disassembler"  # a key of CRITERIA
 
 
 def parse_classes(text: str | Sequence[int | str], categories: Sequence[str]) -> tuple[int, ...]:
@@ -73,23 +74,33 @@ def mass_set(vector: np.ndarray, share: float) -> np.ndarray:
     return keep
 
 
+# criterion -> the score kinds whose mass sets a channel must be in (alpha for the first,
+# beta for the second). "forward" and "backward" alone are the papers' ablations.
+CRITERIA: dict[str, tuple[str, ...]] = {
+    "disassembler": ("forward", "backward"),
+    "forward": ("forward",),
+    "backward": ("backward",),
+    "taylor": ("taylor",),
+}
+
+
 def select_layer(scores: Scores, layer: str, sel: Selection) -> np.ndarray:
     """Channels (bool, (C,)) that layer `layer` keeps for the chosen categories."""
-    forward = scores.mean("forward", layer)  # (K, C)
-    backward = scores.mean("backward", layer) if f"backward/{layer}" in scores.arrays else None
-    keep = np.zeros(forward.shape[1], bool)
+    kinds = CRITERIA[sel.criterion]
+    means = [scores.mean(kind, layer) for kind in kinds]  # each (K, C)
+    keep = np.zeros(means[0].shape[1], bool)
     for k in sel.classes:
-        mine = mass_set(forward[k], sel.alpha)
-        if backward is not None:
-            mine &= mass_set(backward[k], sel.beta)
+        mine = np.ones_like(keep)
+        for mean, share in zip(means, (sel.alpha, sel.beta), strict=False):
+            mine &= mass_set(mean[k], share)
         keep |= mine
     return keep
 
 
-def _ranking(scores: Scores, layer: str, classes: Sequence[int]) -> np.ndarray:
-    total = scores.mean("forward", layer)[list(classes)].sum(0)
-    if f"backward/{layer}" in scores.arrays:
-        total = total + scores.mean("backward", layer)[list(classes)].sum(0)
+def _ranking(scores: Scores, layer: str, sel: Selection) -> np.ndarray:
+    total = sum(
+        scores.mean(kind, layer)[list(sel.classes)].sum(0) for kind in CRITERIA[sel.criterion]
+    )
     return np.argsort(-total, kind="stable")
 
 
@@ -119,6 +130,14 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
     """Return the plan JSON (onnxcut.plan/1) for the chosen categories."""
     from onnxcut.deps import trace
 
+    if sel.criterion not in CRITERIA:
+        raise DataError(f"--criterion '{sel.criterion}': use one of {', '.join(CRITERIA)}")
+    missing = [k for k in CRITERIA[sel.criterion] if f"{k}/" not in "".join(scores.arrays)]
+    if missing:
+        raise DataError(
+            f"the scores file has no {missing[0]} scores; re-run attribute with "
+            "this onnxcut version"
+        )
     for name, value in (("alpha", sel.alpha), ("beta", sel.beta)):
         if not 0 < value <= 1:
             raise DataError(
@@ -160,7 +179,7 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
                     f"layer '{layer}': alpha={sel.alpha}, beta={sel.beta} keep no channel; "
                     "raise --alpha/--beta or pass --min-keep N"
                 )
-            order = _ranking(scores, layer, sel.classes)
+            order = _ranking(scores, layer, sel)
             kept = kept.copy()
             for c in order:
                 if kept.sum() >= min(sel.min_keep, kept.size):

@@ -13,3 +13,24 @@ def test_ci_runs_the_readme_test_command():
     ci = _command_lines(ROOT / ".ci" / "run")
     assert len(ci) == 1
     assert ci[0] in _command_lines(ROOT / "README.md")
+
+
+def test_quick_start_commands_run(tmp_path, monkeypatch):
+    """The quick start's onnxcut steps, as written, through the CLI."""
+    import shlex
+
+    from click.testing import CliRunner
+
+    from onnxcut.cli.main import cli
+
+    text = (ROOT / "README.md").read_text()
+    line = _command_lines(ROOT / "README.md")[0]
+    assert "onnxcut attribute" in line and line in text
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples").symlink_to(ROOT / "samples")
+    steps = [s for s in line.split(" && ") if s.startswith(".venv/bin/onnxcut ")]
+    assert [shlex.split(s)[1] for s in steps] == ["attribute", "extract", "eval"]
+    for step in steps:
+        result = CliRunner().invoke(cli, shlex.split(step)[1:])
+        assert result.exit_code == 0, (step, result.output)
+    assert "miou" in result.output

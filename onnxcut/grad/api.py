@@ -42,7 +42,11 @@ def gradients(
         return ort_gradients(load(model), feeds, list(wrt), output, category, axis, mask)
     from onnxcut.grad.session import GradientSession
 
-    result = GradientSession(model, wrt, output, axis).run(feeds, [category], mask)
+    # One call, one set of feeds: their shapes fix every dynamic dim the rules need.
+    shapes = {name: list(np.shape(value)) for name, value in feeds.items()}
+    result = GradientSession(model, wrt, output, axis, input_shapes=shapes).run(
+        feeds, [category], mask
+    )
     return {name: result.gradients[name][0] for name in wrt}
 
 
