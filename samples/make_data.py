@@ -27,7 +27,12 @@ VAL_FRACTION = 0.35
 SPLIT_SEED = 1234
 SPLIT_SALT = {"train": 0, "val": 1}
 # Z_FILTERED beats OpenCV's default RLE strategy by ~10% on these noisy images.
-PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 9, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_FILTERED]
+PNG_FLAGS = [
+    cv2.IMWRITE_PNG_COMPRESSION,
+    9,
+    cv2.IMWRITE_PNG_STRATEGY,
+    cv2.IMWRITE_PNG_STRATEGY_FILTERED,
+]
 
 
 def split_digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -39,7 +44,7 @@ def split_digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     val_idx, train_idx = [], []
     for digit in range(10):
         idx = rng.permutation(np.flatnonzero(labels == digit))
-        n_val = int(round(len(idx) * VAL_FRACTION))
+        n_val = round(len(idx) * VAL_FRACTION)
         val_idx.append(idx[:n_val])
         train_idx.append(idx[n_val:])
     pools = {}
@@ -106,7 +111,7 @@ def make_scene(
     for _ in range(int(rng.integers(2, 5))):
         for _attempt in range(30):
             h = int(rng.integers(20, 29))
-            w = int(round(h * rng.uniform(0.75, 1.0)))
+            w = round(h * rng.uniform(0.75, 1.0))
             box = (int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1)), h, w)
             if not overlaps_too_much(box, boxes):
                 break
@@ -129,7 +134,7 @@ def make_cls_image(rng: np.random.Generator, digit: np.ndarray) -> np.ndarray:
     size = CLS_SIZE
     img = smooth_background(rng, size)
     h = int(rng.integers(20, 27))
-    w = int(round(h * rng.uniform(0.75, 1.0)))
+    w = round(h * rng.uniform(0.75, 1.0))
     y = int(rng.integers(0, size - h + 1))
     x = int(rng.integers(0, size - w + 1))
     alpha = digit_alpha(digit, h, w)[:, :, None]
