@@ -75,6 +75,7 @@ def extract_cmd(
     layers: str | None,
     min_keep: int | None,
     background: str,
+    criterion: str,
     output: str,
     input_shapes: tuple[str, ...],
 ) -> None:
@@ -94,7 +95,9 @@ def extract_cmd(
         raise click.UsageError("--scores needs --classes, e.g. --classes 4,8")
     shapes = parse_input_shapes(input_shapes)
     if scores is not None:
-        built = build_plan(model, scores, classes, alpha, beta, layers, min_keep, background)
+        built = build_plan(
+            model, scores, classes, alpha, beta, layers, min_keep, background, criterion
+        )
         plan = parse_plan(built, scores)
     else:
         plan = load_plan(plan_path)

@@ -34,6 +34,13 @@ def selection_options(f, classes_required: bool = True):
                 show_default=True,
                 help="Head channel kept besides the classes (segmentation), or none.",
             ),
+            click.option(
+                "--criterion",
+                type=click.Choice(["disassembler", "forward", "backward", "taylor", "relevance"]),
+                default="disassembler",
+                show_default=True,
+                help="Scores a kept channel must rank high in (relevance: classifiers).",
+            ),
         ]
     ):
         f = option(f)
@@ -49,6 +56,7 @@ def build_plan(
     layers: str | None,
     min_keep: int | None,
     background: str,
+    criterion: str = "disassembler",
 ) -> dict:
     from pathlib import Path
 
@@ -72,7 +80,9 @@ def build_plan(
             bg = int(background)
         except ValueError:
             raise DataError(f"--background '{background}': an index or none") from None
-    sel = Selection(parse_classes(classes, scores.categories), alpha, beta, layers, min_keep, bg)
+    sel = Selection(
+        parse_classes(classes, scores.categories), alpha, beta, layers, min_keep, bg, criterion
+    )
     return make_plan(load(model), scores, sel)
 
 
@@ -85,11 +95,13 @@ def build_plan(
     help="The model SCORES was made from (default: the path recorded in SCORES).",
 )
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
-def plan_cmd(scores, classes, alpha, beta, layers, min_keep, background, model, out) -> None:
+def plan_cmd(
+    scores, classes, alpha, beta, layers, min_keep, background, criterion, model, out
+) -> None:
     """Write the plan (kept channels per layer, head outputs) for --classes from SCORES."""
     from onnxcut.graph import write_text
 
-    plan = build_plan(model, scores, classes, alpha, beta, layers, min_keep, background)
+    plan = build_plan(model, scores, classes, alpha, beta, layers, min_keep, background, criterion)
     write_text(out, json.dumps(plan, indent=1))
     kept = sum(len(v) for v in plan["keep"].values())
     click.echo(f"{out}: {len(plan['keep'])} groups cut, {kept} channels kept in them")

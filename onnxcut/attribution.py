@@ -29,6 +29,7 @@ from onnxcut.errors import DataError, ModelError
 from onnxcut.gradient_runner import GradientRunner
 from onnxcut.graph import default_batch_inplace, infer_shapes, load, sha256
 from onnxcut.probe import Head, channel_counts, find_head, probabilities, probe_layers
+from onnxcut.relevance import Route
 from onnxcut.scores import Scores, load_scores, quantize, save_scores
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class AttributeOptions:
     preprocess: dict[str, Any] = field(default_factory=dict)  # flag overrides, key by key
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     checkpoint_every: int = 64  # images between checkpoints
+    lrp_alpha: float = 1.0  # Model LEGO's alpha-beta relevance rule (classify); alpha-beta=1
+    lrp_beta: float = 0.0
 
 
 def _settings(
@@ -81,7 +84,7 @@ def _settings(
         "layers": list(layers),
         "features": list(layers.values()),
         "labels": bool(opts.masks) or (task == "classify" and opts.class_names is not None),
-        "top_k": None,
+        "lrp": [opts.lrp_alpha, opts.lrp_beta] if task == "classify" else None,
         "onnxcut_version": __version__,
     }
 
@@ -136,13 +139,21 @@ def attribute(
     scores = Scores.empty(
         categories,
         channel_counts(proto, layers),
-        ("forward", "backward", "taylor"),
+        ("forward", "backward", "taylor", *(["relevance"] if task == "classify" else [])),
         {**settings, **_run_info(model), "images": 0, "skipped": 0, "shard": opts.shard, "done": 0},
     )
     if resume and checkpoint and Path(checkpoint).exists():
         scores = _resume(checkpoint, scores)
+    route = Route(proto, head.score, opts.lrp_alpha, opts.lrp_beta) if task == "classify" else None
+    extra = [*route.inputs, *route.outputs.values()] if route else []
     runner = GradientRunner(
-        proto, head, layers, provider=opts.provider, threads=opts.threads, backend=opts.grad
+        proto,
+        head,
+        layers,
+        provider=opts.provider,
+        threads=opts.threads,
+        backend=opts.grad,
+        extra=extra,
     )
     done = saved = int(scores.meta["done"])
     step = max(opts.batch, 1)
@@ -155,9 +166,8 @@ def attribute(
                 scores.meta["skipped"] += 1
                 continue
             label = labels(path, image.shape[:2]) if labels else None
-            _accumulate(
-                scores, runner, data.to_input(image, pre)[None], head, task, opts.tau, label
-            )
+            x = data.to_input(image, pre)[None]
+            _accumulate(scores, runner, x, head, task, opts.tau, label, route)
             scores.meta["images"] += 1
         scores.meta["done"] = start + len(chunk)
         if progress:
@@ -217,9 +227,16 @@ def _label_source(opts: AttributeOptions, task: str, root: Path, head: Head):
 
 
 def _accumulate(
-    scores: Scores, runner: GradientRunner, x: np.ndarray, head: Head, task: str, tau: float, label
+    scores: Scores,
+    runner: GradientRunner,
+    x: np.ndarray,
+    head: Head,
+    task: str,
+    tau: float,
+    label,
+    route: Route | None = None,
 ) -> None:
-    score, outputs = runner.forward(x)
+    score, outputs, extras = runner.forward(x)
     probs = probabilities(score, head, outputs)[0]  # (K, H, W) or (K,)
     probs = np.moveaxis(probs, head.axis - 1, 0)
     if task == "segment":
@@ -250,7 +267,24 @@ def _accumulate(
         # First-order change of S_k when channel c is zeroed: |sum_M F_c dS_k/dF_c|.
         tsum = np.abs(np.einsum("chw,pchw,phw->pc", f, g, m, dtype=np.float64))
         scores.arrays[f"taylor/{name}"][present] += quantize(_normalise(tsum))
+    if route is not None:
+        _add_relevance(scores, route, extras, present)
     scores.count[present] += 1
+
+
+def _add_relevance(scores: Scores, route: Route, extras: dict, present: np.ndarray) -> None:
+    """Model LEGO: route relevance of the probed layers' channels, per present class."""
+    magnitudes = {
+        name: np.abs(extras[t][0]).reshape(extras[t].shape[1], -1).sum(1, dtype=np.float64)
+        for name, t in route.outputs.items()
+        if t in extras  # the head's output is the score itself, not an extra
+    }
+    for k in present.tolist():
+        relevance = route.run(extras, magnitudes, k)
+        for name, r in relevance.items():
+            key = f"relevance/{name}"
+            if key in scores.arrays:
+                scores.arrays[key][k] += quantize(_normalise(np.maximum(r, 0)[None]))[0]
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:

@@ -8,22 +8,13 @@ present category's masked score sum.
 from __future__ import annotations
 
 import numpy as np
-from onnx import ModelProto, TensorProto, helper
+from onnx import ModelProto
 
 from onnxcut.errors import DataError
 from onnxcut.grad import GradientSession
+from onnxcut.graph import expose_tensors
 from onnxcut.probe import Head
 from onnxcut.runtime import session
-
-
-def _with_outputs(model: ModelProto, names: list[str]) -> ModelProto:
-    new = ModelProto()
-    new.CopyFrom(model)
-    have = {o.name for o in new.graph.output}
-    new.graph.output.extend(
-        helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n not in have
-    )
-    return new
 
 
 class GradientRunner:
@@ -38,6 +29,7 @@ class GradientRunner:
         provider: str = "cpu",
         threads: int | None = None,
         backend: str = "symbolic",
+        extra: list[str] | None = None,
     ):
         if backend != "symbolic":
             raise DataError(
@@ -49,20 +41,22 @@ class GradientRunner:
         self.head = head
         self.layers = list(layers)
         self.features = dict(layers)
-        extra = [head.score] if head.score != head.output else []
-        self.forward_session = session(_with_outputs(model, extra), provider, threads)
-        self.forward_names = [head.output, *extra]
+        score = [head.score] if head.score != head.output else []
+        self.extra = [t for t in dict.fromkeys(extra or []) if t not in (head.output, head.score)]
+        self.forward_session = session(expose_tensors(model, score + self.extra), provider, threads)
+        self.forward_names = [head.output, *score]
         self.input_name = self.forward_session.get_inputs()[0].name
         self.grad = GradientSession(
             model, list(layers.values()), head.score, head.axis, provider=provider, threads=threads
         )
 
-    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Return (score tensor, probabilities output or None) for a batch."""
-        outs = self.forward_session.run(self.forward_names, {self.input_name: x})
-        if len(outs) == 2:
-            return outs[1], outs[0]
-        return outs[0], None
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        """Return (score tensor, probabilities output or None, extra tensors) for a batch."""
+        outs = self.forward_session.run(self.forward_names + self.extra, {self.input_name: x})
+        extras = dict(zip(self.extra, outs[len(self.forward_names) :], strict=True))
+        if len(self.forward_names) == 2:
+            return outs[1], outs[0], extras
+        return outs[0], None, extras
 
     def gradients(self, x: np.ndarray, categories: np.ndarray, masks: np.ndarray):
         """For one image: activations {layer: (1, C, ...)} and gradients {layer: (P, C, ...)}.

@@ -417,6 +417,23 @@ class GraphIndex:
         return v.type.tensor_type.elem_type if v is not None else None
 
 
+def expose_tensors(model: ModelProto, names: Iterable[str]) -> ModelProto:
+    """Return a copy whose graph outputs also include the given intermediate tensors."""
+    new = ModelProto()
+    new.CopyFrom(model)
+    index = GraphIndex(new)
+    have = set(index.outputs)
+    for name in dict.fromkeys(names):
+        if name in have:
+            continue
+        if name not in index.producer and name not in index.inputs:
+            raise ModelError(f"tensor '{name}' is not in the graph; list tensors with inspect")
+        new.graph.output.append(
+            onnx.helper.make_tensor_value_info(name, index.dtype(name) or TensorProto.FLOAT, None)
+        )
+    return new
+
+
 def attrs(node: NodeProto) -> dict[str, object]:
     """Return a node's attributes as Python values."""
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

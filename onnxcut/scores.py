@@ -7,7 +7,7 @@ Keys (every array float64 unless said):
     count              (K,) images that contributed to each category
     categories         (K,) category names, strings
     meta               0-d string: JSON with model_sha256, task, tau, objective, preprocess,
-                       grad backend, layers, images seen, shards, onnxcut version
+                       grad backend, layers, lrp (classify), images seen, shards, version
 
 `<layer>` is the producer node name that the plan format uses. Sums, not means, so shards
 merge exactly by addition.
@@ -43,7 +43,7 @@ MERGE_KEYS = (
     "category_axis",
     "probs",
     "layers",
-    "top_k",
+    "lrp",
     "labels",
 )
 

@@ -81,6 +81,7 @@ CRITERIA: dict[str, tuple[str, ...]] = {
     "forward": ("forward",),
     "backward": ("backward",),
     "taylor": ("taylor",),
+    "relevance": ("relevance",),  # Model LEGO routes (classify scores only)
 }
 
 
