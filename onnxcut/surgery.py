@@ -22,6 +22,7 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from onnxcut.deps import ChannelTrace, ConstSlice, EditContext, trace
 from onnxcut.graph import infer_shapes, load, sha256
+from onnxcut.inspection import require_layers
 from onnxcut.plan import Plan, PlanLike, as_plan, resolve
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def _prepare(
         else:
             digest = sha256(model) if Path(model).is_file() else None
     proto = load(model, input_shapes)
+    require_layers(proto, "<in-memory model>" if isinstance(model, ModelProto) else str(model))
     channels = trace(proto)
     return proto, channels, resolve(plan, channels, digest), plan
 

@@ -106,3 +106,25 @@ def test_bug_keeps_traceback(monkeypatch, conv_bn: Path):
     monkeypatch.setattr(onnxcut.inspection, "summarize", broken)
     result = invoke("inspect", conv_bn)
     assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+
+
+def test_commands_that_cut_need_a_layer(tmp_path: Path):
+    b = NetBuilder((1, 3, 8, 8))
+    path = tmp_path / "relu.onnx"
+    onnx.save(b.build([b.relu(b.input)]), path)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "onnxcut.plan/1", "keep": {}}))
+    result = invoke("extract", path, "--plan", plan, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 2
+    assert "no Conv, ConvTranspose, Gemm or MatMul layer" in result.output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_missing_runtime_names_the_extra(monkeypatch, conv_bn: Path, tmp_path: Path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
+    (tmp_path / "x.png").write_bytes(b"")
+    result = invoke("eval", conv_bn, "--data", tmp_path)
+    assert result.exit_code == 2
+    assert "pip install 'onnxcut[cpu]'" in result.output and "Traceback" not in result.output
