@@ -139,9 +139,7 @@ def attribute_cmd(
         input_shapes=parse_input_shapes(input_shapes),
     )
     checkpoint = out_path.with_name(out_path.name + ".partial")
-    with click.progressbar(
-        length=1, label="attribute", file=sys.stderr, show_pos=True
-    ) as bar:
+    with click.progressbar(length=1, label="attribute", file=sys.stderr, show_pos=True) as bar:
 
         def progress(done: int, total: int) -> None:
             bar.length = total
