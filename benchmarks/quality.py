@@ -1,0 +1,410 @@
+"""Quality of category sub-networks cut without training, against baselines at the same size.
+
+For each sample model and digit subset: attribute once on a shard of the training split
+(cached under --work), plan with the Disassembler criterion, extract, and evaluate on the
+validation split with the category-customised metric; the original model is scored on the
+same task. Baselines keep exactly the plan's per-group channel counts:
+
+    l1        channels with the largest L1 norm of their filters (summed over a group's producers)
+    random    seeded random channels (mean over --seeds seeds)
+    forward, backward, taylor
+              the plan's counts filled with the top channels by that attribution score alone,
+              summed over the chosen categories (and background for segmenters)
+
+Also: an alpha=beta and tau sweep, a per-layer sensitivity table, and uniform per-layer keep
+ratios ranked by the attribution scores (`--explore`).
+
+    .venv/bin/python benchmarks/quality.py [--models a,b] [--subsets 1,2,5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from onnxcut.attribution import AttributeOptions, attribute
+from onnxcut.deps import ChannelTrace, trace
+from onnxcut.errors import DataError
+from onnxcut.evaluation import EvalOptions, evaluate
+from onnxcut.graph import load, save, sha256
+from onnxcut.scores import Scores, load_scores, save_scores
+from onnxcut.selection import Selection, make_plan
+from onnxcut.surgery import extract
+
+ROOT = Path(__file__).resolve().parents[1]
+SEG = ROOT / "samples" / "data" / "digit_scenes"
+CLS = ROOT / "samples" / "data" / "digits_cls"
+MODELS = {
+    "deeplab_digits": "segment",
+    "unet_digits": "segment",
+    "mobilenet_digits_seg": "segment",
+    "resnet_digits_cls": "classify",
+    "vgg_digits_cls": "classify",
+}
+BASELINES = ("l1", "random", "forward", "backward", "taylor")
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: Path
+    task: str  # segment or classify
+    images: Path  # evaluation images (validation split)
+    masks: Path | None
+    train: Path  # attribution images (training split)
+    train_masks: Path | None
+    shard: str | None = "1/12"  # the part of the training split attribution reads
+    limit: int | None = None  # evaluate the first N images only
+    threads: int = 1
+    latency_runs: int = 20
+
+
+def sample_setup(name: str, **kw) -> Setup:
+    """The setup of a sample model: validation split to evaluate, training shard to attribute."""
+    task = MODELS[name]
+    model = ROOT / "samples" / "models" / f"{name}.onnx"
+    if task == "segment":
+        val, train = SEG / "val", SEG / "train"
+        return Setup(
+            model, task, val / "images", val / "masks", train / "images", train / "masks", **kw
+        )
+    return Setup(model, task, CLS / "val", None, CLS / "train", None, **{"shard": "1/20", **kw})
+
+
+def digit_subsets(sizes: Sequence[int], seed: int = 0) -> dict[int, tuple[int, ...]]:
+    """Nested digit subsets: the first n digits of one seeded permutation of 0..9."""
+    order = np.random.default_rng(seed).permutation(10)
+    return {n: tuple(sorted(int(d) for d in order[:n])) for n in sizes}
+
+
+def categories(setup: Setup, digits: Sequence[int]) -> tuple[int, ...]:
+    """Model categories of digits: segmenters put background at 0, digit d at d + 1."""
+    return tuple(d + 1 for d in digits) if setup.task == "segment" else tuple(digits)
+
+
+def cached_scores(setup: Setup, work: Path, tau: float = 0.9) -> Scores:
+    """Attribute once per model, shard and tau; reuse the .npz under `work` when present."""
+    shard = (setup.shard or "all").replace("/", "of")
+    path = work / f"{setup.model.stem}_tau{tau}_{shard}.npz"
+    if path.exists():
+        return load_scores(path, sha256(setup.model))
+    masks = str(setup.train_masks) if setup.train_masks else None
+    opts = AttributeOptions(tau=tau, masks=masks, shard=setup.shard, threads=setup.threads)
+    scores = attribute(setup.model, setup.train, opts)
+    save_scores(scores, path)
+    return scores
+
+
+def producer_l1(channels: ChannelTrace) -> dict[str, np.ndarray]:
+    """L1 norm of each producer's filters per output channel, (C,) by producer name."""
+    index, out = channels.index, {}
+    for name in channels.producer_slots:
+        node = index.nodes[name]
+        w = index.const(node.input[1]) if len(node.input) > 1 else None
+        if w is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+            continue
+        w = np.abs(w.astype(np.float64))
+        if node.op_type == "ConvTranspose":
+            w = np.moveaxis(w, 1, 0)  # (Cin, Cout/g, ...) -> (Cout, Cin, ...) for group 1
+        elif node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
+            w = w.T
+        out[name] = w.reshape(w.shape[0], -1).sum(1)
+    return out
+
+
+def attribution_vectors(scores: Scores, kind: str, classes: Sequence[int]) -> dict[str, np.ndarray]:
+    """Per-layer (C,) sums over `classes` of one kind's per-category mean vectors."""
+    return {layer: scores.mean(kind, layer)[list(classes)].sum(0) for layer in scores.layers(kind)}
+
+
+def group_vectors(
+    plan: Mapping, channels: ChannelTrace, by_producer: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Sum producer vectors over each planned layer's channel group, keyed by plan layer."""
+    out = {}
+    for layer in plan["keep"]:
+        group = channels.group_of(layer)
+        parts = [by_producer[p] for p in group.producers if p in by_producer]
+        parts = [v for v in parts if v.shape == (group.channels,)]
+        assert parts, f"no scores for group of {layer}"
+        out[layer] = np.sum(parts, axis=0)
+    return out
+
+
+def plan_at_counts(plan: Mapping, vectors: Mapping[str, np.ndarray], counts=None) -> dict:
+    """The plan with each layer's kept channels replaced by the top `count` by `vectors`.
+
+    `counts` (layer -> int) defaults to the plan's own per-layer counts; `outputs` is kept.
+    """
+    keep = {}
+    for layer, kept in plan["keep"].items():
+        n = len(kept) if counts is None else counts[layer]
+        top = np.argsort(-np.asarray(vectors[layer], np.float64), kind="stable")[:n]
+        keep[layer] = sorted(int(c) for c in top)
+    return {**plan, "keep": keep}
+
+
+def _score(setup: Setup, model: Path, classes: Sequence[int]) -> dict:
+    opts = EvalOptions(
+        masks=str(setup.masks) if setup.masks else None,
+        classes=tuple(classes),
+        threads=setup.threads,
+        latency_runs=setup.latency_runs,
+        limit=setup.limit,
+    )
+    report = evaluate(model, setup.images, opts)
+    metric = report["miou"] if setup.task == "segment" else report["top1"]
+    row = {k: report[k] for k in ("params", "flops", "latency_ms")}
+    return {**row, "metric": metric, "metric_classes": report.get("miou_classes", metric)}
+
+
+def score_plan(setup: Setup, plan: Mapping, classes: Sequence[int], tmp: Path) -> dict:
+    """Extract the plan's sub-network and evaluate it on the customised task."""
+    path = tmp / "sub.onnx"
+    save(extract(setup.model, dict(plan)), path)
+    return _score(setup, path, classes)
+
+
+def _ratios(row: dict, ref: dict) -> dict:
+    out = dict(row)
+    for key in ("params", "flops", "latency_ms", "metric", "metric_classes"):
+        out[f"{key}_kept"] = row[key] / ref[key] if ref[key] else float("nan")
+    return out
+
+
+def compare(
+    setup: Setup,
+    scores: Scores,
+    classes: Sequence[int],
+    tmp: Path,
+    sel: Selection | None = None,
+    seeds: int = 3,
+) -> list[dict]:
+    """Rows for the original, the plan and each baseline at the plan's per-group counts."""
+    sel = replace(sel or Selection(classes=()), classes=tuple(classes))
+    model = load(setup.model)
+    channels = trace(model)
+    plan = make_plan(model, scores, sel)
+    ref = _score(setup, setup.model, classes)
+    rows = [{"method": "original", **_ratios(ref, ref), "plan": None}]
+    rows.append({"method": "disassembler", **_ratios(score_plan(setup, plan, classes, tmp), ref)})
+    rows[-1]["plan"] = plan
+    ranked = tuple(sorted({*classes, *([sel.background] if setup.task == "segment" else [])}))
+    plans = {"l1": plan_at_counts(plan, group_vectors(plan, channels, producer_l1(channels)))}
+    for kind in ("forward", "backward", "taylor"):
+        vectors = group_vectors(plan, channels, attribution_vectors(scores, kind, ranked))
+        plans[kind] = plan_at_counts(plan, vectors)
+    for method in BASELINES:
+        if method != "random":
+            row = score_plan(setup, plans[method], classes, tmp)
+            rows.append({"method": method, **_ratios(row, ref), "plan": plans[method]})
+            continue
+        runs = []
+        for seed in range(seeds):
+            rng = np.random.default_rng(seed)
+            random = plan_at_counts(
+                plan, {k: rng.random(len(v)) for k, v in _widths(plan, channels).items()}
+            )
+            runs.append(score_plan(setup, random, classes, tmp))
+        mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
+        rows.append({"method": f"random (x{seeds})", **_ratios(mean, ref), "plan": random})
+    return rows
+
+
+def _widths(plan: Mapping, channels: ChannelTrace) -> dict[str, np.ndarray]:
+    return {layer: np.zeros(channels.group_of(layer).channels) for layer in plan["keep"]}
+
+
+def sweep(
+    setup: Setup,
+    classes: Sequence[int],
+    work: Path,
+    tmp: Path,
+    shares: Sequence[float],
+    taus: Sequence[float],
+) -> list[dict]:
+    """Disassembler plans over alpha=beta (tau 0.9) and tau (alpha=beta 0.9), with l1 and random."""
+    channels = trace(load(setup.model))
+    ref = _score(setup, setup.model, classes)
+    l1 = producer_l1(channels)
+    rows = []
+    points = [(s, 0.9) for s in shares] + [(0.9, t) for t in taus if t != 0.9]
+    for share, tau in points:
+        scores = cached_scores(setup, work, tau)
+        plan = make_plan(load(setup.model), scores, Selection(tuple(classes), share, share))
+        row = {"alpha=beta": share, "tau": tau}
+        dis = _ratios(score_plan(setup, plan, classes, tmp), ref)
+        row.update(flops_kept=dis["flops_kept"], disassembler=dis["metric_kept"])
+        row["l1"] = _metric_kept(
+            setup, plan_at_counts(plan, group_vectors(plan, channels, l1)), classes, tmp, ref
+        )
+        rng = np.random.default_rng(0)
+        random = plan_at_counts(
+            plan, {k: rng.random(len(v)) for k, v in _widths(plan, channels).items()}
+        )
+        row["random"] = _metric_kept(setup, random, classes, tmp, ref)
+        rows.append(row)
+    return rows
+
+
+def _metric_kept(
+    setup: Setup, plan: Mapping, classes: Sequence[int], tmp: Path, ref: dict
+) -> float:
+    return score_plan(setup, plan, classes, tmp)["metric"] / ref["metric"]
+
+
+def sensitivity(setup: Setup, plan: Mapping, classes: Sequence[int], tmp: Path) -> list[dict]:
+    """Cut one planned layer at a time (to the plan's count): plan's channels, l1 and random."""
+    channels = trace(load(setup.model))
+    ref = _score(setup, setup.model, classes)
+    l1 = group_vectors(plan, channels, producer_l1(channels))
+    rng = np.random.default_rng(0)
+    rows = []
+    for layer, kept in plan["keep"].items():
+        one = {**plan, "keep": {layer: kept}}
+        dis = _ratios(score_plan(setup, one, classes, tmp), ref)
+        widths = {layer: rng.random(channels.group_of(layer).channels)}
+        rows.append(
+            {
+                "layer": layer,
+                "kept": f"{len(kept)}/{channels.group_of(layer).channels}",
+                "flops_kept": dis["flops_kept"],
+                "disassembler": dis["metric_kept"],
+                "l1": _metric_kept(
+                    setup, plan_at_counts(one, {layer: l1[layer]}), classes, tmp, ref
+                ),
+                "random": _metric_kept(setup, plan_at_counts(one, widths), classes, tmp, ref),
+            }
+        )
+    return rows
+
+
+def budgets(
+    setup: Setup, scores: Scores, classes: Sequence[int], tmp: Path, ratios: Sequence[float]
+) -> list[dict]:
+    """Other per-group counts, each ranked by several scores: the same share of every group,
+    and the plan's counts rounded up to a multiple of 8 (CPU kernels favour those widths)."""
+    model = load(setup.model)
+    channels = trace(model)
+    plan = make_plan(model, scores, Selection(tuple(classes)))
+    ranked = tuple(sorted({*classes, 0})) if setup.task == "segment" else tuple(classes)
+    fwd, bwd = (attribution_vectors(scores, k, ranked) for k in ("forward", "backward"))
+    widths = {k: len(v) for k, v in _widths(plan, channels).items()}
+    vectors = {
+        "forward+backward": group_vectors(plan, channels, {k: fwd[k] + bwd[k] for k in fwd}),
+        "taylor": group_vectors(plan, channels, attribution_vectors(scores, "taylor", ranked)),
+        "l1": group_vectors(plan, channels, producer_l1(channels)),
+        "random": {k: np.random.default_rng(0).random(n) for k, n in widths.items()},
+    }
+    rules = {f"share {r}": {k: max(1, round(r * n)) for k, n in widths.items()} for r in ratios}
+    rules["plan, up to x8"] = {
+        k: min(widths[k], -(-len(v) // 8) * 8) for k, v in plan["keep"].items()
+    }
+    ref = _score(setup, setup.model, classes)
+    rows = []
+    for rule, counts in rules.items():
+        row: dict = {"counts": rule}
+        for name, vec in vectors.items():
+            r = _ratios(score_plan(setup, plan_at_counts(plan, vec, counts), classes, tmp), ref)
+            row.update(flops_kept=r["flops_kept"], latency_ms_kept=r["latency_ms_kept"])
+            row[name] = r["metric_kept"]
+        rows.append(row)
+    return rows
+
+
+def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A markdown table; floats with 3 decimals."""
+
+    def cell(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+COMPARE_COLUMNS = (
+    "model", "digits", "method", "metric", "metric_kept", "metric_classes", "metric_classes_kept",
+    "flops_kept", "params_kept", "latency_ms_kept",
+)  # fmt: skip
+
+
+def _model_scores(setup: Setup, work: Path, needed: Sequence[int]) -> tuple[Scores, float]:
+    """Scores at tau 0.9, or at 0.5 when a needed category never reaches 0.9 (weak models)."""
+    for tau in (0.9, 0.5):
+        scores = cached_scores(setup, work, tau)
+        if all(scores.count[k] > 0 for k in needed):
+            return scores, tau
+        print(f"note: {setup.model.stem}: categories {needed} not all seen at p > {tau}")
+    return scores, tau
+
+
+def _sweep_and_explore(
+    setup: Setup, classes: tuple[int, ...], work: Path, tmp: Path, explore: bool
+) -> None:
+    name = setup.model.stem
+    cols = ("alpha=beta", "tau", "flops_kept", "disassembler", "l1", "random")
+    found = sweep(setup, classes, work, tmp, (0.8, 0.9, 0.95, 0.98), (0.5, 0.7, 0.9))
+    print(f"## Sweep: {name}, categories {classes} (metric kept)\n\n{table(found, cols)}\n")
+    if not explore:
+        return
+    scores = cached_scores(setup, work)
+    plan = make_plan(load(setup.model), scores, Selection(classes))
+    cols = ("layer", "kept", "flops_kept", "disassembler", "l1", "random")
+    found = sensitivity(setup, plan, classes, tmp)
+    print(f"## One layer cut at a time (metric kept)\n\n{table(found, cols)}\n")
+    found = budgets(setup, scores, classes, tmp, (0.5, 0.75))
+    cols = ("counts", "flops_kept", "latency_ms_kept", *list(found[0])[3:])
+    print(f"## Other per-group counts (metric kept)\n\n{table(found, cols)}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--subsets", default="1,2,5", help="subset sizes (digits of a seeded order)")
+    p.add_argument("--work", type=Path, default=None, help="cache folder for scores (.npz)")
+    p.add_argument("--seeds", type=int, default=3, help="random baseline seeds to average")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--sweep", default="deeplab_digits:2", help="MODEL:SIZE, or 'none'")
+    p.add_argument("--explore", action="store_true", help="sensitivity and other counts too")
+    p.add_argument("--quick", action="store_true", help="deeplab, subset size 2, no sweep")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.subsets, args.sweep = "deeplab_digits", "2", "none"
+    work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    subsets = digit_subsets([int(s) for s in args.subsets.split(",")])
+    print(f"digit subsets (first n of seed-0 permutation): {subsets}; scores cache: {work}\n")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            setup = sample_setup(name, limit=args.limit)
+            if not setup.model.exists():
+                print(f"skipped {name}: {setup.model} not found (not trained yet)\n")
+                continue
+            for digits in subsets.values():
+                scores, tau = _model_scores(setup, work, categories(setup, digits))
+                label = name if tau == 0.9 else f"{name} (tau {tau})"
+                try:
+                    found = compare(
+                        setup, scores, categories(setup, digits), Path(tmp), seeds=args.seeds
+                    )
+                except DataError as e:  # a weak model never confident on some digit
+                    print(f"skipped {name}, digits {digits}: {e}\n")
+                    continue
+                rows += [{"model": label, "digits": ",".join(map(str, digits)), **r} for r in found]
+                print(table(rows[-len(found) :], COMPARE_COLUMNS) + "\n", flush=True)
+        print("## All results\n\n" + table(rows, COMPARE_COLUMNS) + "\n")
+        if args.sweep != "none":
+            name, size = args.sweep.split(":")
+            setup = sample_setup(name, limit=args.limit)
+            classes = categories(setup, digit_subsets([int(size)])[int(size)])
+            _sweep_and_explore(setup, classes, work, Path(tmp), args.explore)
+
+
+if __name__ == "__main__":
+    main()
