@@ -101,8 +101,8 @@ def attribute_cmd(
 ) -> None:
     """Score the channels of MODEL's layers per category over the images in --data."""
     from onnxcut.attribution import AttributeOptions, attribute
-    from onnxcut.graph import parse_input_shapes
     from onnxcut.scores import save_scores
+    from onnxcut.shapes import parse_input_shapes
 
     out_path = Path(out)
     if not out_path.parent.is_dir():

@@ -28,8 +28,8 @@ out_option = click.option(
 
 def sizes(model: ModelProto) -> tuple[int, int | None]:
     """Return (params, FLOPs as MACs) of a model; dynamic batch counted as 1."""
-    from onnxcut.graph import default_batch_inplace, infer_shapes
     from onnxcut.inspection import summarize
+    from onnxcut.shapes import default_batch_inplace, infer_shapes
 
     copy = ModelProto()
     copy.CopyFrom(model)
@@ -85,8 +85,9 @@ def extract_cmd(
     --input-shape fixes those inputs in the written model too.
     """
     from onnxcut.cli.plan import build_plan
-    from onnxcut.graph import load, parse_input_shapes, save
+    from onnxcut.graph import load, save
     from onnxcut.plan import load_plan, parse_plan
+    from onnxcut.shapes import parse_input_shapes
     from onnxcut.surgery import extract
 
     if (plan_path is None) == (scores is None):

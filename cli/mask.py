@@ -21,8 +21,9 @@ def mask_cmd(model: str, plan_path: str, output: str, input_shapes: tuple[str, .
 
     The masked model is the reference an extracted model matches on its kept outputs.
     """
-    from onnxcut.graph import load, parse_input_shapes, save
+    from onnxcut.graph import load, save
     from onnxcut.plan import load_plan
+    from onnxcut.shapes import parse_input_shapes
     from onnxcut.surgery import extract, mask
 
     shapes = parse_input_shapes(input_shapes)

@@ -27,10 +27,11 @@ import numpy as np
 from onnxcut import data
 from onnxcut.errors import DataError, ModelError
 from onnxcut.gradient_runner import GradientRunner
-from onnxcut.graph import default_batch_inplace, infer_shapes, load, sha256
+from onnxcut.graph import load, sha256
 from onnxcut.probe import Head, channel_counts, find_head, probabilities, probe_layers
 from onnxcut.relevance import Route
 from onnxcut.scores import Scores, load_scores, quantize, save_scores
+from onnxcut.shapes import default_batch_inplace, infer_shapes
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,11 @@ from onnx import ModelProto
 
 from onnxcut import data
 from onnxcut.errors import DataError
-from onnxcut.graph import default_batch_inplace, infer_shapes, load
+from onnxcut.graph import load
 from onnxcut.inspection import summarize
 from onnxcut.probe import Head, find_head
 from onnxcut.runtime import session
+from onnxcut.shapes import default_batch_inplace, infer_shapes
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from onnx import ModelProto, NodeProto
 
-from onnxcut.graph import FLOAT_TYPES, GraphIndex, attrs, dims, graph_inputs, opset_version
+from onnxcut.graph import FLOAT_TYPES, GraphIndex, attrs, opset_version
+from onnxcut.shapes import dims, graph_inputs
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

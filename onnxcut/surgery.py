@@ -21,9 +21,10 @@ import onnx
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from onnxcut.deps import ChannelTrace, ConstSlice, EditContext, trace
-from onnxcut.graph import infer_shapes, load, sha256
+from onnxcut.graph import load, sha256
 from onnxcut.inspection import require_layers
 from onnxcut.plan import Plan, PlanLike, as_plan, resolve
+from onnxcut.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxcut
 from onnxcut.errors import ModelError, OutputError
-from onnxcut.graph import dims, graph_inputs, parse_input_shapes, require_static
 from onnxcut.inspection import count_params
 from onnxcut.runtime import run
+from onnxcut.shapes import dims, graph_inputs, parse_input_shapes, require_static
 
 from conftest import conv_bn_net
 from netbuilder import NetBuilder

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 from onnxcut.deps import ChannelTrace, trace
 from onnxcut.errors import PlanError
-from onnxcut.graph import graph_inputs, load, save, sha256
+from onnxcut.graph import load, save, sha256
 from onnxcut.plan import Plan, load_plan, parse_plan, resolve
 from onnxcut.runtime import run
+from onnxcut.shapes import graph_inputs
 from onnxcut.surgery import CATEGORIES_KEY, extract, kept_positions, mask
 
 from conftest import SAMPLE_NAMES, sample_model

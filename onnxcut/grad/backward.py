@@ -11,7 +11,8 @@ from onnx import ModelProto, NodeProto, helper, version_converter
 from onnxcut.errors import ModelError, UnsupportedOpError
 from onnxcut.grad.emitter import Emitter, Site
 from onnxcut.grad.registry import VJP_RULES, supported_ops
-from onnxcut.graph import FLOAT_TYPES, GraphIndex, infer_shapes, opset_version
+from onnxcut.graph import FLOAT_TYPES, GraphIndex, opset_version
+from onnxcut.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 
