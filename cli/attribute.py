@@ -60,6 +60,9 @@ def _size(text: str | None) -> list[int] | None:
 @click.option("--scale", type=float)
 @click.option("--mean", help="a,b,c")
 @click.option("--std", help="a,b,c")
+@click.option(
+    "--top-k", type=int, help="Classify: the N most confident images per class (instead of --tau)."
+)
 @click.option("--batch", type=int, default=8, show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu")
 @click.option("--threads", type=int)
@@ -91,6 +94,7 @@ def attribute_cmd(
     scale,
     mean,
     std,
+    top_k,
     batch,
     provider,
     threads,
@@ -127,6 +131,7 @@ def attribute_cmd(
         category_axis=category_axis,
         probs=probs,
         layers=tuple(layers.split(",")) if layers else None,
+        top_k=top_k,
         batch=batch,
         provider=provider,
         threads=threads,

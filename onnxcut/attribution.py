@@ -55,6 +55,7 @@ class AttributeOptions:
     preprocess: dict[str, Any] = field(default_factory=dict)  # flag overrides, key by key
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     checkpoint_every: int = 64  # images between checkpoints
+    top_k: int | None = None  # classify: the k most confident images per class, not tau
     lrp_alpha: float = 1.0  # Model LEGO's alpha-beta relevance rule (classify); alpha-beta=1
     lrp_beta: float = 0.0
 
@@ -86,6 +87,7 @@ def _settings(
         "features": list(layers.values()),
         "labels": bool(opts.masks) or (task == "classify" and opts.class_names is not None),
         "lrp": [opts.lrp_alpha, opts.lrp_beta] if task == "classify" else None,
+        "top_k": opts.top_k,
         "onnxcut_version": __version__,
     }
 
@@ -126,8 +128,10 @@ def attribute(
     sha = sha256(model)
     k, n = data.parse_shard(opts.shard)
     root = Path(images)
-    paths = data.shard(data.list_images(root), k, n)
+    paths = data.list_images(root)
     labels = _label_source(opts, task, root, head)
+    if opts.top_k is not None and (task != "classify" or opts.top_k < 1):
+        raise DataError("--top-k N (N >= 1) selects confident images of classifiers only")
     settings = _settings(opts, head, task, layers, pre, sha)
     categories = [str(i) for i in range(head.n_categories)]
     if opts.class_names is not None:
@@ -156,6 +160,12 @@ def attribute(
         backend=opts.grad,
         extra=extra,
     )
+    chosen = None
+    if opts.top_k:
+        # Selected over all images before sharding, so shards of one run agree on the set.
+        chosen = _top_k(runner, paths, labels, pre, head, opts.top_k)
+        paths = sorted(chosen)
+    paths = data.shard(paths, k, n)
     done = saved = int(scores.meta["done"])
     step = max(opts.batch, 1)
     for start in range(done, len(paths), step):
@@ -166,9 +176,12 @@ def attribute(
                 log.warning("%s: unreadable or corrupt image, skipped", path)
                 scores.meta["skipped"] += 1
                 continue
-            label = labels(path, image.shape[:2]) if labels else None
             x = data.to_input(image, pre)[None]
-            _accumulate(scores, runner, x, head, task, opts.tau, label, route)
+            if chosen is not None:
+                _accumulate(scores, runner, x, head, task, 0.0, chosen[path], route)
+            else:
+                label = labels(path, image.shape[:2]) if labels else None
+                _accumulate(scores, runner, x, head, task, opts.tau, label, route)
             scores.meta["images"] += 1
         scores.meta["done"] = start + len(chunk)
         if progress:
@@ -179,6 +192,27 @@ def attribute(
     if scores.meta["images"] == 0:
         raise DataError(f"none of the {len(paths)} images could be read; check the files")
     return scores
+
+
+def _top_k(
+    runner: GradientRunner, paths: list[Path], labels, pre: data.Preprocess, head: Head, k: int
+) -> dict[Path, int]:
+    """The k most confident images of each class: {path: class}, by one forward pass each.
+
+    The class is an image's label (ImageFolder) or else its prediction; confidence is the
+    probability of that class. Ties go to the earlier path.
+    """
+    ranked: dict[int, list[tuple[float, int, Path]]] = {}
+    for i, path in enumerate(paths):
+        image = data.read_image(path, pre)
+        if image is None:
+            continue
+        score, outputs, _ = runner.forward(data.to_input(image, pre)[None])
+        probs = np.moveaxis(probabilities(score, head, outputs)[0], head.axis - 1, 0)
+        label = labels(path, image.shape[:2]) if labels else None
+        c = int(label) if label is not None else int(np.argmax(probs))
+        ranked.setdefault(c, []).append((-float(probs[c]), i, path))
+    return {path: c for c, items in ranked.items() for _, _, path in sorted(items)[:k]}
 
 
 def _resume(checkpoint: str | os.PathLike[str], fresh: Scores) -> Scores:

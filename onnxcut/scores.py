@@ -44,6 +44,7 @@ MERGE_KEYS = (
     "probs",
     "layers",
     "lrp",
+    "top_k",
     "labels",
 )
 

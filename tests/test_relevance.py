@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from onnxcut.attribution import AttributeOptions, attribute
+from onnxcut.errors import DataError
 from onnxcut.graph import expose_tensors, load
 from onnxcut.relevance import Route
 from onnxcut.runtime import run
@@ -81,3 +82,23 @@ def test_classify_scores_hold_relevance(tmp_path):
         seen = scores.count > 0
         np.testing.assert_allclose(rel[seen].sum(1), scores.count[seen], rtol=1e-6)
         assert (rel[~seen] == 0).all()
+
+
+def test_top_k_per_class_and_shards(tmp_path):
+    import shutil
+
+    from onnxcut.scores import merge
+
+    for cls in ("1", "4", "8"):
+        (tmp_path / cls).mkdir()
+        for path in sorted((ROOT / "samples/data/digits_cls/val" / cls).glob("*.png"))[:6]:
+            shutil.copy(path, tmp_path / cls / path.name)
+    model = sample_model("resnet_digits_cls")
+    whole = attribute(model, tmp_path, AttributeOptions(top_k=2))
+    assert whole.count[[1, 4, 8]].tolist() == [2, 2, 2] and whole.count.sum() == 6
+    parts = [attribute(model, tmp_path, AttributeOptions(top_k=2, shard=f"{k}/2")) for k in (1, 2)]
+    merged = merge(parts)
+    for key in whole.arrays:
+        np.testing.assert_array_equal(merged.arrays[key], whole.arrays[key], err_msg=key)
+    with pytest.raises(DataError, match="--top-k"):
+        attribute(sample_model("deeplab_digits"), tmp_path, AttributeOptions(top_k=2))
