@@ -186,3 +186,46 @@ def test_cli_attribute_plan_extract(tmp_path: Path, scenes: Path):
     )
     assert bad.exit_code == 2 and "--classes 11 is out of range" in bad.output
     assert not (tmp_path / "q.json").exists()
+
+
+def test_two_category_subnetwork_predicts_them(seg_scores, scenes: Path, tmp_path: Path):
+    import onnx
+
+    from onnxcut.evaluation import EvalOptions, evaluate
+    from onnxcut.surgery import extract
+
+    model = sample_model(SEG)
+    sub = extract(model, make_plan(load(model), seg_scores, Selection(classes=(3, 5))))
+    onnx.save(sub, tmp_path / "sub.onnx")
+    assert [d.dim_value for d in sub.graph.output[0].type.tensor_type.shape.dim][1] == 3
+    report = evaluate(
+        tmp_path / "sub.onnx",
+        scenes / "images",
+        EvalOptions(masks=str(scenes / "masks"), latency_runs=1),
+    )
+    assert report["classes"] == [3, 5]
+    assert report["per_class"]["3"] > 0.05 and report["per_class"]["5"] > 0.05
+    assert (
+        report["flops"]
+        < evaluate(
+            model, scenes / "images", EvalOptions(masks=str(scenes / "masks"), latency_runs=1)
+        )["flops"]
+    )
+
+
+def test_two_class_classifier_keeps_accuracy(tmp_path: Path):
+    import onnx
+
+    from onnxcut.evaluation import EvalOptions, evaluate
+    from onnxcut.surgery import extract
+
+    for cls in ("4", "8"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for path in sorted((DIGITS / cls).glob("*.png"))[:10]:
+            shutil.copy(path, tmp_path / "data" / cls / path.name)
+    model = sample_model(CLS)
+    scores = attribute(model, DIGITS, AttributeOptions(top_k=8))
+    sub = extract(model, make_plan(load(model), scores, Selection(classes=(4, 8))))
+    onnx.save(sub, tmp_path / "sub.onnx")
+    report = evaluate(tmp_path / "sub.onnx", tmp_path / "data", EvalOptions(latency_runs=1))
+    assert report["top1"] >= 0.9 and set(report["per_class"]) == {"4", "8"}
