@@ -76,6 +76,7 @@ def extract_cmd(
     min_keep: int | None,
     background: str,
     criterion: str,
+    round_to: int | None,
     output: str,
     input_shapes: tuple[str, ...],
 ) -> None:
@@ -97,7 +98,16 @@ def extract_cmd(
     shapes = parse_input_shapes(input_shapes)
     if scores is not None:
         built = build_plan(
-            model, scores, classes, alpha, beta, layers, min_keep, background, criterion
+            model,
+            scores,
+            classes,
+            alpha,
+            beta,
+            layers,
+            min_keep,
+            background,
+            criterion,
+            round_to,
         )
         plan = parse_plan(built, scores)
     else:

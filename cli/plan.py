@@ -41,6 +41,11 @@ def selection_options(f, classes_required: bool = True):
                 show_default=True,
                 help="Scores a kept channel must rank high in (relevance: classifiers).",
             ),
+            click.option(
+                "--round-to",
+                type=int,
+                help="Round kept counts up to a multiple of N (8 or 16 suit CPU kernels).",
+            ),
         ]
     ):
         f = option(f)
@@ -57,6 +62,7 @@ def build_plan(
     min_keep: int | None,
     background: str,
     criterion: str = "disassembler",
+    round_to: int | None = None,
 ) -> dict:
     from pathlib import Path
 
@@ -81,7 +87,14 @@ def build_plan(
         except ValueError:
             raise DataError(f"--background '{background}': an index or none") from None
     sel = Selection(
-        parse_classes(classes, scores.categories), alpha, beta, layers, min_keep, bg, criterion
+        parse_classes(classes, scores.categories),
+        alpha,
+        beta,
+        layers,
+        min_keep,
+        bg,
+        criterion,
+        round_to,
     )
     return make_plan(load(model), scores, sel)
 
@@ -96,12 +109,14 @@ def build_plan(
 )
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
 def plan_cmd(
-    scores, classes, alpha, beta, layers, min_keep, background, criterion, model, out
+    scores, classes, alpha, beta, layers, min_keep, background, criterion, round_to, model, out
 ) -> None:
     """Write the plan (kept channels per layer, head outputs) for --classes from SCORES."""
     from onnxcut.graph import write_text
 
-    plan = build_plan(model, scores, classes, alpha, beta, layers, min_keep, background, criterion)
+    plan = build_plan(
+        model, scores, classes, alpha, beta, layers, min_keep, background, criterion, round_to
+    )
     write_text(out, json.dumps(plan, indent=1))
     kept = sum(len(v) for v in plan["keep"].values())
     click.echo(f"{out}: {len(plan['keep'])} groups cut, {kept} channels kept in them")

@@ -32,6 +32,7 @@ class Selection:
     min_keep: int | None = None  # pad small keep-sets to this size instead of failing
     background: int | None = 0  # segmentation head channel kept besides the classes
     criterion: str = "disassembler"  # a key of CRITERIA
+    round_to: int | None = None  # round each group's kept count up to a multiple of this
 
 
 def parse_classes(text: str | Sequence[int | str], categories: Sequence[str]) -> tuple[int, ...]:
@@ -105,6 +106,16 @@ def _ranking(scores: Scores, layer: str, sel: Selection) -> np.ndarray:
     return np.argsort(-total, kind="stable")
 
 
+def _pad(kept: np.ndarray, order: np.ndarray, count: int) -> np.ndarray:
+    """Add the best-ranked channels not yet kept until `count` are kept."""
+    kept = kept.copy()
+    for c in order:
+        if kept.sum() >= count:
+            break
+        kept[c] = True
+    return kept
+
+
 def _chosen_layers(scores: Scores, spec: str | None) -> list[str]:
     layers = scores.layers("forward")
     if not spec:
@@ -174,18 +185,16 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
     plan_keep = {}
     for gid, kept in keep_by_group.items():
         layer = owner[gid]
-        if kept.sum() < (sel.min_keep or 1):
-            if sel.min_keep is None:
-                raise DataError(
-                    f"layer '{layer}': alpha={sel.alpha}, beta={sel.beta} keep no channel; "
-                    "raise --alpha/--beta or pass --min-keep N"
-                )
-            order = _ranking(scores, layer, sel)
-            kept = kept.copy()
-            for c in order:
-                if kept.sum() >= min(sel.min_keep, kept.size):
-                    break
-                kept[c] = True
+        if kept.sum() < (sel.min_keep or 1) and sel.min_keep is None:
+            raise DataError(
+                f"layer '{layer}': alpha={sel.alpha}, beta={sel.beta} keep no channel; "
+                "raise --alpha/--beta or pass --min-keep N"
+            )
+        target = max(int(kept.sum()), sel.min_keep or 1)
+        if sel.round_to and sel.round_to > 1:
+            # Runtimes' blocked kernels run fastest on channel counts in multiples of 8/16.
+            target = -(-target // sel.round_to) * sel.round_to
+        kept = _pad(kept, _ranking(scores, layer, sel), min(target, kept.size))
         plan_keep[layer] = [int(c) for c in np.flatnonzero(kept)]
     plan = {
         "format": PLAN_FORMAT,

@@ -229,3 +229,15 @@ def test_two_class_classifier_keeps_accuracy(tmp_path: Path):
     onnx.save(sub, tmp_path / "sub.onnx")
     report = evaluate(tmp_path / "sub.onnx", tmp_path / "data", EvalOptions(latency_runs=1))
     assert report["top1"] >= 0.9 and set(report["per_class"]) == {"4", "8"}
+
+
+def test_round_to_multiples(seg_scores):
+    from onnxcut.deps import build_groups
+
+    model = load(sample_model(SEG))
+    size = {p: g.channels for g in build_groups(model) for p in g.producers}
+    plain = make_plan(model, seg_scores, Selection(classes=(3, 5)))
+    rounded = make_plan(model, seg_scores, Selection(classes=(3, 5), round_to=8))
+    for layer, keep in rounded["keep"].items():
+        assert len(keep) % 8 == 0 or len(keep) == size[layer]
+        assert set(plain["keep"][layer]) <= set(keep)
