@@ -11,8 +11,8 @@ same task. Baselines keep exactly the plan's per-group channel counts:
               the plan's counts filled with the top channels by that attribution score alone,
               summed over the chosen categories (and background for segmenters)
 
-Also: an alpha=beta and tau sweep, a per-layer sensitivity table, and uniform per-layer keep
-ratios ranked by the attribution scores (`--explore`).
+Also an alpha=beta and tau sweep for one model and subset (`--sweep MODEL:SIZE`).
+`quality_explore.py` digs into why: per-layer and per-channel sensitivity, other budgets.
 
     .venv/bin/python benchmarks/quality.py [--models a,b] [--subsets 1,2,5] [--quick]
 """
@@ -148,7 +148,7 @@ def plan_at_counts(plan: Mapping, vectors: Mapping[str, np.ndarray], counts=None
     return {**plan, "keep": keep}
 
 
-def _score(setup: Setup, model: Path, classes: Sequence[int]) -> dict:
+def score_model(setup: Setup, model: Path, classes: Sequence[int]) -> dict:
     opts = EvalOptions(
         masks=str(setup.masks) if setup.masks else None,
         classes=tuple(classes),
@@ -166,10 +166,10 @@ def score_plan(setup: Setup, plan: Mapping, classes: Sequence[int], tmp: Path) -
     """Extract the plan's sub-network and evaluate it on the customised task."""
     path = tmp / "sub.onnx"
     save(extract(setup.model, dict(plan)), path)
-    return _score(setup, path, classes)
+    return score_model(setup, path, classes)
 
 
-def _ratios(row: dict, ref: dict) -> dict:
+def ratios(row: dict, ref: dict) -> dict:
     out = dict(row)
     for key in ("params", "flops", "latency_ms", "metric", "metric_classes"):
         out[f"{key}_kept"] = row[key] / ref[key] if ref[key] else float("nan")
@@ -189,9 +189,9 @@ def compare(
     model = load(setup.model)
     channels = trace(model)
     plan = make_plan(model, scores, sel)
-    ref = _score(setup, setup.model, classes)
-    rows = [{"method": "original", **_ratios(ref, ref), "plan": None}]
-    rows.append({"method": "disassembler", **_ratios(score_plan(setup, plan, classes, tmp), ref)})
+    ref = score_model(setup, setup.model, classes)
+    rows = [{"method": "original", **ratios(ref, ref), "plan": None}]
+    rows.append({"method": "disassembler", **ratios(score_plan(setup, plan, classes, tmp), ref)})
     rows[-1]["plan"] = plan
     ranked = tuple(sorted({*classes, *([sel.background] if setup.task == "segment" else [])}))
     plans = {"l1": plan_at_counts(plan, group_vectors(plan, channels, producer_l1(channels)))}
@@ -201,21 +201,21 @@ def compare(
     for method in BASELINES:
         if method != "random":
             row = score_plan(setup, plans[method], classes, tmp)
-            rows.append({"method": method, **_ratios(row, ref), "plan": plans[method]})
+            rows.append({"method": method, **ratios(row, ref), "plan": plans[method]})
             continue
         runs = []
         for seed in range(seeds):
             rng = np.random.default_rng(seed)
             random = plan_at_counts(
-                plan, {k: rng.random(len(v)) for k, v in _widths(plan, channels).items()}
+                plan, {k: rng.random(len(v)) for k, v in zero_vectors(plan, channels).items()}
             )
             runs.append(score_plan(setup, random, classes, tmp))
         mean = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
-        rows.append({"method": f"random (x{seeds})", **_ratios(mean, ref), "plan": random})
+        rows.append({"method": f"random (x{seeds})", **ratios(mean, ref), "plan": random})
     return rows
 
 
-def _widths(plan: Mapping, channels: ChannelTrace) -> dict[str, np.ndarray]:
+def zero_vectors(plan: Mapping, channels: ChannelTrace) -> dict[str, np.ndarray]:
     return {layer: np.zeros(channels.group_of(layer).channels) for layer in plan["keep"]}
 
 
@@ -229,7 +229,7 @@ def sweep(
 ) -> list[dict]:
     """Disassembler plans over alpha=beta (tau 0.9) and tau (alpha=beta 0.9), with l1 and random."""
     channels = trace(load(setup.model))
-    ref = _score(setup, setup.model, classes)
+    ref = score_model(setup, setup.model, classes)
     l1 = producer_l1(channels)
     rows = []
     points = [(s, 0.9) for s in shares] + [(0.9, t) for t in taus if t != 0.9]
@@ -237,83 +237,22 @@ def sweep(
         scores = cached_scores(setup, work, tau)
         plan = make_plan(load(setup.model), scores, Selection(tuple(classes), share, share))
         row = {"alpha=beta": share, "tau": tau}
-        dis = _ratios(score_plan(setup, plan, classes, tmp), ref)
+        dis = ratios(score_plan(setup, plan, classes, tmp), ref)
         row.update(flops_kept=dis["flops_kept"], disassembler=dis["metric_kept"])
-        row["l1"] = _metric_kept(
+        row["l1"] = metric_kept(
             setup, plan_at_counts(plan, group_vectors(plan, channels, l1)), classes, tmp, ref
         )
         rng = np.random.default_rng(0)
         random = plan_at_counts(
-            plan, {k: rng.random(len(v)) for k, v in _widths(plan, channels).items()}
+            plan, {k: rng.random(len(v)) for k, v in zero_vectors(plan, channels).items()}
         )
-        row["random"] = _metric_kept(setup, random, classes, tmp, ref)
+        row["random"] = metric_kept(setup, random, classes, tmp, ref)
         rows.append(row)
     return rows
 
 
-def _metric_kept(
-    setup: Setup, plan: Mapping, classes: Sequence[int], tmp: Path, ref: dict
-) -> float:
+def metric_kept(setup: Setup, plan: Mapping, classes: Sequence[int], tmp: Path, ref: dict) -> float:
     return score_plan(setup, plan, classes, tmp)["metric"] / ref["metric"]
-
-
-def sensitivity(setup: Setup, plan: Mapping, classes: Sequence[int], tmp: Path) -> list[dict]:
-    """Cut one planned layer at a time (to the plan's count): plan's channels, l1 and random."""
-    channels = trace(load(setup.model))
-    ref = _score(setup, setup.model, classes)
-    l1 = group_vectors(plan, channels, producer_l1(channels))
-    rng = np.random.default_rng(0)
-    rows = []
-    for layer, kept in plan["keep"].items():
-        one = {**plan, "keep": {layer: kept}}
-        dis = _ratios(score_plan(setup, one, classes, tmp), ref)
-        widths = {layer: rng.random(channels.group_of(layer).channels)}
-        rows.append(
-            {
-                "layer": layer,
-                "kept": f"{len(kept)}/{channels.group_of(layer).channels}",
-                "flops_kept": dis["flops_kept"],
-                "disassembler": dis["metric_kept"],
-                "l1": _metric_kept(
-                    setup, plan_at_counts(one, {layer: l1[layer]}), classes, tmp, ref
-                ),
-                "random": _metric_kept(setup, plan_at_counts(one, widths), classes, tmp, ref),
-            }
-        )
-    return rows
-
-
-def budgets(
-    setup: Setup, scores: Scores, classes: Sequence[int], tmp: Path, ratios: Sequence[float]
-) -> list[dict]:
-    """Other per-group counts, each ranked by several scores: the same share of every group,
-    and the plan's counts rounded up to a multiple of 8 (CPU kernels favour those widths)."""
-    model = load(setup.model)
-    channels = trace(model)
-    plan = make_plan(model, scores, Selection(tuple(classes)))
-    ranked = tuple(sorted({*classes, 0})) if setup.task == "segment" else tuple(classes)
-    fwd, bwd = (attribution_vectors(scores, k, ranked) for k in ("forward", "backward"))
-    widths = {k: len(v) for k, v in _widths(plan, channels).items()}
-    vectors = {
-        "forward+backward": group_vectors(plan, channels, {k: fwd[k] + bwd[k] for k in fwd}),
-        "taylor": group_vectors(plan, channels, attribution_vectors(scores, "taylor", ranked)),
-        "l1": group_vectors(plan, channels, producer_l1(channels)),
-        "random": {k: np.random.default_rng(0).random(n) for k, n in widths.items()},
-    }
-    rules = {f"share {r}": {k: max(1, round(r * n)) for k, n in widths.items()} for r in ratios}
-    rules["plan, up to x8"] = {
-        k: min(widths[k], -(-len(v) // 8) * 8) for k, v in plan["keep"].items()
-    }
-    ref = _score(setup, setup.model, classes)
-    rows = []
-    for rule, counts in rules.items():
-        row: dict = {"counts": rule}
-        for name, vec in vectors.items():
-            r = _ratios(score_plan(setup, plan_at_counts(plan, vec, counts), classes, tmp), ref)
-            row.update(flops_kept=r["flops_kept"], latency_ms_kept=r["latency_ms_kept"])
-            row[name] = r["metric_kept"]
-        rows.append(row)
-    return rows
 
 
 def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
@@ -343,25 +282,6 @@ def _model_scores(setup: Setup, work: Path, needed: Sequence[int]) -> tuple[Scor
     return scores, tau
 
 
-def _sweep_and_explore(
-    setup: Setup, classes: tuple[int, ...], work: Path, tmp: Path, explore: bool
-) -> None:
-    name = setup.model.stem
-    cols = ("alpha=beta", "tau", "flops_kept", "disassembler", "l1", "random")
-    found = sweep(setup, classes, work, tmp, (0.8, 0.9, 0.95, 0.98), (0.5, 0.7, 0.9))
-    print(f"## Sweep: {name}, categories {classes} (metric kept)\n\n{table(found, cols)}\n")
-    if not explore:
-        return
-    scores = cached_scores(setup, work)
-    plan = make_plan(load(setup.model), scores, Selection(classes))
-    cols = ("layer", "kept", "flops_kept", "disassembler", "l1", "random")
-    found = sensitivity(setup, plan, classes, tmp)
-    print(f"## One layer cut at a time (metric kept)\n\n{table(found, cols)}\n")
-    found = budgets(setup, scores, classes, tmp, (0.5, 0.75))
-    cols = ("counts", "flops_kept", "latency_ms_kept", *list(found[0])[3:])
-    print(f"## Other per-group counts (metric kept)\n\n{table(found, cols)}\n")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -370,7 +290,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3, help="random baseline seeds to average")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--sweep", default="deeplab_digits:2", help="MODEL:SIZE, or 'none'")
-    p.add_argument("--explore", action="store_true", help="sensitivity and other counts too")
     p.add_argument("--quick", action="store_true", help="deeplab, subset size 2, no sweep")
     args = p.parse_args(argv)
     if args.quick:
@@ -402,8 +321,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.sweep != "none":
             name, size = args.sweep.split(":")
             setup = sample_setup(name, limit=args.limit)
-            classes = categories(setup, digit_subsets([int(size)])[int(size)])
-            _sweep_and_explore(setup, classes, work, Path(tmp), args.explore)
+            digits = digit_subsets([int(size)])[int(size)]
+            classes = categories(setup, digits)
+            cols = ("alpha=beta", "tau", "flops_kept", "disassembler", "l1", "random")
+            found = sweep(setup, classes, work, Path(tmp), (0.8, 0.9, 0.95, 0.98), (0.5, 0.7, 0.9))
+            title = f"## Sweep: {name}, digits {digits} (categories {classes}), metric kept"
+            print(f"{title}; random: seed 0\n\n{table(found, cols)}\n")
 
 
 if __name__ == "__main__":
