@@ -290,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=3, help="random baseline seeds to average")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--sweep", default="deeplab_digits:2", help="MODEL:SIZE, or 'none'")
+    p.add_argument("--round-to", type=int, default=None, help="Selection.round_to for plans")
     p.add_argument("--quick", action="store_true", help="deeplab, subset size 2, no sweep")
     args = p.parse_args(argv)
     if args.quick:
@@ -309,9 +310,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 scores, tau = _model_scores(setup, work, categories(setup, digits))
                 label = name if tau == 0.9 else f"{name} (tau {tau})"
                 try:
-                    found = compare(
-                        setup, scores, categories(setup, digits), Path(tmp), seeds=args.seeds
-                    )
+                    classes = categories(setup, digits)
+                    sel = Selection(classes, round_to=args.round_to)
+                    found = compare(setup, scores, classes, Path(tmp), sel, args.seeds)
                 except DataError as e:  # a weak model never confident on some digit
                     print(f"skipped {name}, digits {digits}: {e}\n")
                     continue

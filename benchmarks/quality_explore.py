@@ -83,8 +83,8 @@ def sensitivity(setup: Setup, plan: Mapping, classes: Sequence[int], tmp: Path) 
 def budgets(
     setup: Setup, scores: Scores, classes: Sequence[int], tmp: Path, shares: Sequence[float]
 ) -> list[dict]:
-    """Other per-group counts, each ranked by several scores: the same share of every group,
-    and the plan's counts rounded up to a multiple of 8 (CPU kernels favour those widths)."""
+    """Per-group counts, each ranked by several scores: the same share of every group, the
+    plan's counts, and those rounded up to a multiple of 8 (CPU kernels favour those widths)."""
     model = load(setup.model)
     channels = trace(model)
     plan = make_plan(model, scores, Selection(tuple(classes)))
@@ -94,10 +94,17 @@ def budgets(
     vectors = {
         "forward+backward": group_vectors(plan, channels, {k: fwd[k] + bwd[k] for k in fwd}),
         "taylor": group_vectors(plan, channels, attribution_vectors(scores, "taylor", ranked)),
+        "taylor, chosen only": group_vectors(
+            plan, channels, attribution_vectors(scores, "taylor", classes)
+        ),
+        "forward, chosen only": group_vectors(
+            plan, channels, attribution_vectors(scores, "forward", classes)
+        ),
         "l1": group_vectors(plan, channels, producer_l1(channels)),
         "random": {k: np.random.default_rng(0).random(n) for k, n in widths.items()},
     }
     rules = {f"share {r}": {k: max(1, round(r * n)) for k, n in widths.items()} for r in shares}
+    rules["plan"] = {k: len(v) for k, v in plan["keep"].items()}
     rules["plan, up to x8"] = {
         k: min(widths[k], -(-len(v) // 8) * 8) for k, v in plan["keep"].items()
     }
