@@ -63,6 +63,13 @@ def _size(text: str | None) -> list[int] | None:
 @click.option(
     "--top-k", type=int, help="Classify: the N most confident images per class (instead of --tau)."
 )
+@click.option(
+    "--objective",
+    type=click.Choice(["logit", "logprob"]),
+    default="logit",
+    show_default=True,
+    help="S_k sums the category's logit, or its log-softmax.",
+)
 @click.option("--batch", type=int, default=8, show_default=True)
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu")
 @click.option("--threads", type=int)
@@ -95,6 +102,7 @@ def attribute_cmd(
     mean,
     std,
     top_k,
+    objective,
     batch,
     provider,
     threads,
@@ -132,6 +140,7 @@ def attribute_cmd(
         probs=probs,
         layers=tuple(layers.split(",")) if layers else None,
         top_k=top_k,
+        objective=objective,
         batch=batch,
         provider=provider,
         threads=threads,

@@ -55,6 +55,7 @@ class AttributeOptions:
     preprocess: dict[str, Any] = field(default_factory=dict)  # flag overrides, key by key
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     checkpoint_every: int = 64  # images between checkpoints
+    objective: str = "logit"  # S_k sums the score (logit) or its log-softmax (logprob)
     top_k: int | None = None  # classify: the k most confident images per class, not tau
     lrp_alpha: float = 1.0  # Model LEGO's alpha-beta relevance rule (classify); alpha-beta=1
     lrp_beta: float = 0.0
@@ -78,9 +79,7 @@ def _settings(
         "score": head.score,
         "category_axis": head.axis,
         "probs": head.probs,
-        "objective": "sum of the category's score over its confidence mask"
-        if task == "segment"
-        else "the class score (logit)",
+        "objective": opts.objective,
         "preprocess": pre.to_json(),
         "grad": opts.grad,
         "layers": list(layers),
@@ -159,6 +158,7 @@ def attribute(
         threads=opts.threads,
         backend=opts.grad,
         extra=extra,
+        objective=opts.objective,
     )
     chosen = None
     if opts.top_k:

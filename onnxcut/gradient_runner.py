@@ -8,13 +8,27 @@ present category's masked score sum.
 from __future__ import annotations
 
 import numpy as np
-from onnx import ModelProto
+from onnx import ModelProto, helper
 
 from onnxcut.errors import DataError
 from onnxcut.grad import GradientSession
 from onnxcut.graph import expose_tensors
 from onnxcut.probe import Head
 from onnxcut.runtime import session
+from onnxcut.shapes import infer_shapes
+
+OBJECTIVES = ("logit", "logprob")
+
+
+def _with_log_softmax(model: ModelProto, score: str, axis: int) -> tuple[ModelProto, str]:
+    """Append LogSoftmax(score) along the category axis; return the model and its tensor."""
+    new = ModelProto()
+    new.CopyFrom(model)
+    name = f"{score}/onnxcut_log_softmax"
+    new.graph.node.append(
+        helper.make_node("LogSoftmax", [score], [name], axis=axis, name="onnxcut_log_softmax")
+    )
+    return infer_shapes(new), name
 
 
 class GradientRunner:
@@ -30,7 +44,10 @@ class GradientRunner:
         threads: int | None = None,
         backend: str = "symbolic",
         extra: list[str] | None = None,
+        objective: str = "logit",
     ):
+        if objective not in OBJECTIVES:
+            raise DataError(f"--objective '{objective}': use one of {', '.join(OBJECTIVES)}")
         if backend != "symbolic":
             raise DataError(
                 f"--grad {backend}: attribution needs positive-part gradient sums, which only "
@@ -46,8 +63,12 @@ class GradientRunner:
         self.forward_session = session(expose_tensors(model, score + self.extra), provider, threads)
         self.forward_names = [head.output, *score]
         self.input_name = self.forward_session.get_inputs()[0].name
+        target = head.score
+        if objective == "logprob":
+            # log softmax_k credits channels that push the competing categories down too.
+            model, target = _with_log_softmax(model, head.score, head.axis)
         self.grad = GradientSession(
-            model, list(layers.values()), head.score, head.axis, provider=provider, threads=threads
+            model, list(layers.values()), target, head.axis, provider=provider, threads=threads
         )
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict]:

@@ -241,3 +241,14 @@ def test_round_to_multiples(seg_scores):
     for layer, keep in rounded["keep"].items():
         assert len(keep) % 8 == 0 or len(keep) == size[layer]
         assert set(plain["keep"][layer]) <= set(keep)
+
+
+def test_logprob_objective(scenes: Path, seg_scores):
+    opts = AttributeOptions(tau=0.7, batch=4, objective="logprob")
+    logprob = attribute(sample_model(SEG), scenes / "images", opts)
+    assert logprob.meta["objective"] == "logprob" and seg_scores.meta["objective"] == "logit"
+    layer = seg_scores.layers()[-1]
+    np.testing.assert_array_equal(logprob.get("forward", layer), seg_scores.get("forward", layer))
+    assert not np.array_equal(logprob.get("backward", layer), seg_scores.get("backward", layer))
+    with pytest.raises(DataError, match="--objective"):
+        attribute(sample_model(SEG), scenes / "images", AttributeOptions(objective="margin"))
