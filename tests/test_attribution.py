@@ -247,7 +247,7 @@ def test_logprob_objective(scenes: Path, seg_scores):
     opts = AttributeOptions(tau=0.7, batch=4, objective="logprob")
     logprob = attribute(sample_model(SEG), scenes / "images", opts)
     assert logprob.meta["objective"] == "logprob" and seg_scores.meta["objective"] == "logit"
-    layer = seg_scores.layers()[-1]
+    layer = seg_scores.layers()[-2]  # [-1] is the head conv: one-hot positive gradients
     np.testing.assert_array_equal(logprob.get("forward", layer), seg_scores.get("forward", layer))
     assert not np.array_equal(logprob.get("backward", layer), seg_scores.get("backward", layer))
     with pytest.raises(DataError, match="--objective"):
