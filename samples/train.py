@@ -182,6 +182,8 @@ def export(model: nn.Module, spec: Spec, path: Path, x_check: torch.Tensor) -> o
     with warnings.catch_warnings():
         # The legacy exporter is deprecated but still the one that emits a plain op graph.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # PRESERVE on an eval-mode model exports inference BN; folding only touches constants.
+        warnings.filterwarnings("ignore", message="It is recommended that constant folding")
         torch.onnx.export(
             model,
             (x_check[:1],),
@@ -192,7 +194,7 @@ def export(model: nn.Module, spec: Spec, path: Path, x_check: torch.Tensor) -> o
             output_names=["logits"],
             dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
             training=mode,
-            do_constant_folding=not spec.keep_bn,
+            do_constant_folding=True,
         )
     onnx_model = onnx.load(str(path))
     if n_inlined := inline_identity_initializers(onnx_model):
@@ -221,7 +223,11 @@ def verify(
     if got.shape != want.shape or diff > 1e-4:
         raise RuntimeError(f"{spec.name}: onnxruntime mismatch {got.shape} max|diff|={diff:.2e}")
     size_kb = path.stat().st_size / 1024
-    print(f"[{spec.name}] exported {path.name} {size_kb:.0f} KiB, ort max|diff|={diff:.1e}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"[{spec.name}] exported {path.name} {size_kb:.0f} KiB, {n_params} params, "
+        f"ort max|diff|={diff:.1e}"
+    )
     print(f"[{spec.name}] ops: {dict(sorted(ops.items()))}")
 
 
