@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import ROOT, sample_model
 
@@ -34,9 +34,10 @@ def test_digit_subsets_are_nested_and_fixed() -> None:
 
 def test_baselines_match_plan_counts(tmp_path: Path) -> None:
     sample_model("deeplab_digits")
-    setup = quality.sample_setup("deeplab_digits", shard="1/250", limit=16, latency_runs=2)
-    if not setup.train.is_dir():
-        pytest.skip(f"{setup.train} missing: run `python samples/make_data.py`")
+    setup = quality.sample_setup("deeplab_digits", shard="1/10", limit=16, latency_runs=2)
+    # The training split is not committed (make_data.py regenerates it); attribute a shard of
+    # the validation split instead, so the check runs on a fresh clone too.
+    setup = dataclasses.replace(setup, train=setup.images, train_masks=setup.masks)
     scores = quality.cached_scores(setup, tmp_path)
     classes = quality.categories(setup, (3, 5))
     rows = quality.compare(setup, scores, classes, tmp_path, seeds=1)
