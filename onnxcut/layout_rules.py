@@ -53,14 +53,24 @@ def _ints(t: Tracer, node: NodeProto, i: int, attr: str, opset_split: int) -> li
     return None if c is None else [int(v) for v in c.reshape(-1)]
 
 
-@rule("Transpose")
-def transpose(t: Tracer, node: NodeProto) -> None:
+def _traced_input(t: Tracer, node: NodeProto) -> tuple[ChannelMap, int] | None:
+    """The channel map and rank of a node's first input; None (freezing if it is traced but
+    of unknown rank) when the rule has nothing to follow."""
     cmap = t.get(node.input[0])
     rank = t.rank(node.input[0])
+    if cmap is not None and rank is None:
+        untraced(t, node, "has an input of unknown rank")
     if cmap is None or rank is None:
-        if cmap is not None:
-            untraced(t, node, "has an input of unknown rank")
+        return None
+    return cmap, rank
+
+
+@rule("Transpose")
+def transpose(t: Tracer, node: NodeProto) -> None:
+    traced = _traced_input(t, node)
+    if traced is None:
         return
+    cmap, rank = traced
     perm = list(attrs(node).get("perm", range(rank - 1, -1, -1)))
     t.set(node.output[0], ChannelMap(perm.index(cmap.axis), cmap.slots))
 
@@ -141,12 +151,10 @@ def concat(t: Tracer, node: NodeProto) -> None:
 
 @rule("Split")
 def split(t: Tracer, node: NodeProto) -> None:
-    cmap = t.get(node.input[0])
-    rank = t.rank(node.input[0])
-    if cmap is None or rank is None:
-        if cmap is not None:
-            untraced(t, node, "has an input of unknown rank")
+    traced = _traced_input(t, node)
+    if traced is None:
         return
+    cmap, rank = traced
     a = attrs(node)
     if _axis(int(a.get("axis", 0)), rank) != cmap.axis:
         for out in node.output:
@@ -252,12 +260,10 @@ def shape(t: Tracer, node: NodeProto) -> None:
 
 @rule("Pad")
 def pad(t: Tracer, node: NodeProto) -> None:
-    cmap = t.get(node.input[0])
-    rank = t.rank(node.input[0])
-    if cmap is None or rank is None:
-        if cmap is not None:
-            untraced(t, node, "has an input of unknown rank")
+    traced = _traced_input(t, node)
+    if traced is None:
         return
+    cmap, rank = traced
     a = attrs(node)
     old = _opset(t) < 11
     pads = _ints(t, node, 1, "pads" if "pads" in a else "paddings", 11)
