@@ -33,7 +33,6 @@ from quality import (
     digit_subsets,
     group_vectors,
     plan_at_counts,
-    producer_l1,
     sample_setup,
     score_model,
     zero_vectors,
@@ -42,7 +41,7 @@ from quality import (
 from onnxcut import data
 from onnxcut.deps import trace
 from onnxcut.graph import load, save
-from onnxcut.selection import Selection, make_plan
+from onnxcut.selection import Selection, filter_l1, make_plan
 from onnxcut.surgery import extract
 
 
@@ -207,7 +206,7 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     plans = {
         "disassembler": plan,
-        "l1": plan_at_counts(plan, group_vectors(plan, channels, producer_l1(channels))),
+        "l1": plan_at_counts(plan, group_vectors(plan, channels, filter_l1(channels))),
         "random": plan_at_counts(
             plan, {k: rng.random(len(v)) for k, v in zero_vectors(plan, channels).items()}
         ),

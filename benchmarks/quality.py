@@ -33,7 +33,7 @@ from onnxcut.errors import DataError
 from onnxcut.evaluation import EvalOptions, evaluate
 from onnxcut.graph import load, save, sha256
 from onnxcut.scores import Scores, load_scores, save_scores
-from onnxcut.selection import Selection, make_plan
+from onnxcut.selection import Selection, filter_l1, make_plan
 from onnxcut.surgery import extract
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,23 +97,6 @@ def cached_scores(setup: Setup, work: Path, tau: float = 0.9) -> Scores:
     scores = attribute(setup.model, setup.train, opts)
     save_scores(scores, path)
     return scores
-
-
-def producer_l1(channels: ChannelTrace) -> dict[str, np.ndarray]:
-    """L1 norm of each producer's filters per output channel, (C,) by producer name."""
-    index, out = channels.index, {}
-    for name in channels.producer_slots:
-        node = index.nodes[name]
-        w = index.const(node.input[1]) if len(node.input) > 1 else None
-        if w is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
-            continue
-        w = np.abs(w.astype(np.float64))
-        if node.op_type == "ConvTranspose":
-            w = np.moveaxis(w, 1, 0)  # (Cin, Cout/g, ...) -> (Cout, Cin, ...) for group 1
-        elif node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
-            w = w.T
-        out[name] = w.reshape(w.shape[0], -1).sum(1)
-    return out
 
 
 def attribution_vectors(scores: Scores, kind: str, classes: Sequence[int]) -> dict[str, np.ndarray]:
@@ -194,7 +177,7 @@ def compare(
     rows.append({"method": "disassembler", **ratios(score_plan(setup, plan, classes, tmp), ref)})
     rows[-1]["plan"] = plan
     ranked = tuple(sorted({*classes, *([sel.background] if setup.task == "segment" else [])}))
-    plans = {"l1": plan_at_counts(plan, group_vectors(plan, channels, producer_l1(channels)))}
+    plans = {"l1": plan_at_counts(plan, group_vectors(plan, channels, filter_l1(channels)))}
     for kind in ("forward", "backward", "taylor"):
         vectors = group_vectors(plan, channels, attribution_vectors(scores, kind, ranked))
         plans[kind] = plan_at_counts(plan, vectors)
@@ -230,7 +213,7 @@ def sweep(
     """Disassembler plans over alpha=beta (tau 0.9) and tau (alpha=beta 0.9), with l1 and random."""
     channels = trace(load(setup.model))
     ref = score_model(setup, setup.model, classes)
-    l1 = producer_l1(channels)
+    l1 = filter_l1(channels)
     rows = []
     points = [(s, 0.9) for s in shares] + [(0.9, t) for t in taus if t != 0.9]
     for share, tau in points:

@@ -38,7 +38,6 @@ from quality import (
     group_vectors,
     metric_kept,
     plan_at_counts,
-    producer_l1,
     ratios,
     sample_setup,
     score_model,
@@ -51,14 +50,14 @@ from onnxcut.attribution import AttributeOptions, attribute
 from onnxcut.deps import trace
 from onnxcut.graph import load
 from onnxcut.scores import Scores, load_scores, save_scores
-from onnxcut.selection import Selection, make_plan, mass_set
+from onnxcut.selection import Selection, filter_l1, make_plan, mass_set
 
 
 def sensitivity(setup: Setup, plan: Mapping, classes: Sequence[int], tmp: Path) -> list[dict]:
     """Cut one planned layer at a time (to the plan's count): plan's channels, l1 and random."""
     channels = trace(load(setup.model))
     ref = score_model(setup, setup.model, classes)
-    l1 = group_vectors(plan, channels, producer_l1(channels))
+    l1 = group_vectors(plan, channels, filter_l1(channels))
     rng = np.random.default_rng(0)
     rows = []
     for layer, kept in plan["keep"].items():
@@ -100,7 +99,7 @@ def budgets(
         "forward, chosen only": group_vectors(
             plan, channels, attribution_vectors(scores, "forward", classes)
         ),
-        "l1": group_vectors(plan, channels, producer_l1(channels)),
+        "l1": group_vectors(plan, channels, filter_l1(channels)),
         "random": {k: np.random.default_rng(0).random(n) for k, n in widths.items()},
     }
     rules = {f"share {r}": {k: max(1, round(r * n)) for k, n in widths.items()} for r in shares}
@@ -171,7 +170,7 @@ def rules(setup: Setup, scores: Scores, classes: Sequence[int], work: Path, tmp:
     plan = make_plan(model, logsoftmax_scores(setup, work), Selection(tuple(classes)))
     plans["log-softmax objective (library rule)"] = {**plan, "model_sha256": None}
     ref = score_model(setup, setup.model, classes)
-    l1 = group_vectors(base, channels, producer_l1(channels))
+    l1 = group_vectors(base, channels, filter_l1(channels))
     rows = []
     for name, plan in plans.items():
         r = ratios(score_plan(setup, plan, classes, tmp), ref)
@@ -193,7 +192,7 @@ def channels_vs_scores(
     channels = trace(model)
     plan = make_plan(model, scores, Selection(tuple(classes)))
     ref = score_model(setup, setup.model, classes)["metric"]
-    l1 = group_vectors(plan, channels, producer_l1(channels))
+    l1 = group_vectors(plan, channels, filter_l1(channels))
     bg = [0] if setup.task == "segment" else []
     rows = []
     for layer in layers:

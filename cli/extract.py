@@ -76,6 +76,7 @@ def extract_cmd(
     min_keep: int | None,
     background: str,
     criterion: str,
+    rank: str,
     round_to: int | None,
     output: str,
     input_shapes: tuple[str, ...],
@@ -108,6 +109,7 @@ def extract_cmd(
             background,
             criterion,
             round_to,
+            rank,
         )
         plan = parse_plan(built, scores)
     else:

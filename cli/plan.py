@@ -42,6 +42,13 @@ def selection_options(f, classes_required: bool = True):
                 help="Scores a kept channel must rank high in (relevance: classifiers).",
             ),
             click.option(
+                "--rank",
+                type=click.Choice(["scores", "l1"]),
+                default="scores",
+                show_default=True,
+                help="Which channels fill each group's count: best scores, or largest filter L1.",
+            ),
+            click.option(
                 "--round-to",
                 type=int,
                 help="Round kept counts up to a multiple of N (8 or 16 suit CPU kernels).",
@@ -63,6 +70,7 @@ def build_plan(
     background: str,
     criterion: str = "disassembler",
     round_to: int | None = None,
+    rank: str = "scores",
 ) -> dict:
     from pathlib import Path
 
@@ -95,6 +103,7 @@ def build_plan(
         bg,
         criterion,
         round_to,
+        rank,
     )
     return make_plan(load(model), scores, sel)
 
@@ -109,13 +118,34 @@ def build_plan(
 )
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
 def plan_cmd(
-    scores, classes, alpha, beta, layers, min_keep, background, criterion, round_to, model, out
+    scores,
+    classes,
+    alpha,
+    beta,
+    layers,
+    min_keep,
+    background,
+    criterion,
+    rank,
+    round_to,
+    model,
+    out,
 ) -> None:
     """Write the plan (kept channels per layer, head outputs) for --classes from SCORES."""
     from onnxcut.graph import write_text
 
     plan = build_plan(
-        model, scores, classes, alpha, beta, layers, min_keep, background, criterion, round_to
+        model,
+        scores,
+        classes,
+        alpha,
+        beta,
+        layers,
+        min_keep,
+        background,
+        criterion,
+        round_to,
+        rank,
     )
     write_text(out, json.dumps(plan, indent=1))
     kept = sum(len(v) for v in plan["keep"].values())

@@ -33,6 +33,7 @@ class Selection:
     background: int | None = 0  # segmentation head channel kept besides the classes
     criterion: str = "disassembler"  # a key of CRITERIA
     round_to: int | None = None  # round each group's kept count up to a multiple of this
+    rank: str = "scores"  # which channels fill a group's count: by the scores, or "l1"
 
 
 def parse_classes(text: str | Sequence[int | str], categories: Sequence[str]) -> tuple[int, ...]:
@@ -106,6 +107,23 @@ def _ranking(scores: Scores, layer: str, sel: Selection) -> np.ndarray:
     return np.argsort(-total, kind="stable")
 
 
+def filter_l1(channels) -> dict[str, np.ndarray]:
+    """L1 norm of each producer's filters per output channel, (C,) by producer name."""
+    index, out = channels.index, {}
+    for name in channels.producer_slots:
+        node = index.nodes[name]
+        w = index.const(node.input[1]) if len(node.input) > 1 else None
+        if w is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+            continue
+        w = np.abs(w.astype(np.float64))
+        if node.op_type == "ConvTranspose":
+            w = np.moveaxis(w, 1, 0)  # (Cin, Cout/g, ...) -> (Cout, Cin, ...); group 1 only
+        elif node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
+            w = w.T
+        out[name] = w.reshape(w.shape[0], -1).sum(1)
+    return out
+
+
 def _pad(kept: np.ndarray, order: np.ndarray, count: int) -> np.ndarray:
     """Add the best-ranked channels not yet kept until `count` are kept."""
     kept = kept.copy()
@@ -142,6 +160,8 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
     """Return the plan JSON (onnxcut.plan/1) for the chosen categories."""
     from onnxcut.deps import trace
 
+    if sel.rank not in ("scores", "l1"):
+        raise DataError(f"--rank '{sel.rank}': use scores or l1")
     if sel.criterion not in CRITERIA:
         raise DataError(f"--criterion '{sel.criterion}': use one of {', '.join(CRITERIA)}")
     missing = [k for k in CRITERIA[sel.criterion] if f"{k}/" not in "".join(scores.arrays)]
@@ -182,6 +202,7 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
         if group.id in keep_by_group and keep_by_group[group.id].shape == kept.shape:
             kept = kept | keep_by_group[group.id]
         keep_by_group[group.id], owner[group.id] = kept, owner.get(group.id, layer)
+    l1 = filter_l1(groups) if sel.rank == "l1" else {}
     plan_keep = {}
     for gid, kept in keep_by_group.items():
         layer = owner[gid]
@@ -194,7 +215,14 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
         if sel.round_to and sel.round_to > 1:
             # Runtimes' blocked kernels run fastest on channel counts in multiples of 8/16.
             target = -(-target // sel.round_to) * sel.round_to
-        kept = _pad(kept, _ranking(scores, layer, sel), min(target, kept.size))
+        target = min(target, kept.size)
+        if sel.rank == "l1":
+            # The scores set how many channels the group keeps; the filters' L1 norms which.
+            norms = sum(l1[p] for p in groups.groups[gid].producers if p in l1)
+            kept = np.zeros_like(kept)
+            kept[np.argsort(-norms, kind="stable")[:target]] = True
+        else:
+            kept = _pad(kept, _ranking(scores, layer, sel), target)
         plan_keep[layer] = [int(c) for c in np.flatnonzero(kept)]
     plan = {
         "format": PLAN_FORMAT,

@@ -252,3 +252,23 @@ def test_logprob_objective(scenes: Path, seg_scores):
     assert not np.array_equal(logprob.get("backward", layer), seg_scores.get("backward", layer))
     with pytest.raises(DataError, match="--objective"):
         attribute(sample_model(SEG), scenes / "images", AttributeOptions(objective="margin"))
+
+
+def test_rank_l1_keeps_counts_and_picks_largest_filters(seg_scores):
+    from onnxcut.deps import trace
+    from onnxcut.selection import filter_l1
+
+    model = load(sample_model(SEG))
+    by_scores = make_plan(model, seg_scores, Selection(classes=(3, 5)))
+    by_l1 = make_plan(model, seg_scores, Selection(classes=(3, 5), rank="l1"))
+    assert by_l1["outputs"] == by_scores["outputs"]
+    channels = trace(model)
+    norms = filter_l1(channels)
+    for layer, keep in by_l1["keep"].items():
+        assert len(keep) == len(by_scores["keep"][layer])
+        total = sum(norms[p] for p in channels.group_of(layer).producers)
+        dropped = sorted(set(range(len(total))) - set(keep))
+        if dropped:
+            assert total[keep].min() >= total[dropped].max()
+    with pytest.raises(DataError, match="--rank"):
+        make_plan(model, seg_scores, Selection(classes=(3, 5), rank="l2"))
