@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import ModelProto, helper
 
-from onnxcut.errors import DataError
+from onnxcut.errors import DataError, RuntimeMissingError
 from onnxcut.grad import GradientSession
 from onnxcut.graph import expose_tensors
 from onnxcut.probe import Head
@@ -48,13 +48,13 @@ class GradientRunner:
     ):
         if objective not in OBJECTIVES:
             raise DataError(f"--objective '{objective}': use one of {', '.join(OBJECTIVES)}")
-        if backend != "symbolic":
+        if backend not in ("symbolic", "ort-training"):
             raise DataError(
-                f"--grad {backend}: attribution needs positive-part gradient sums, which only "
-                "the symbolic backend gives (finite differences give signed channel sums only; "
-                "ort-training lacks BatchNormalization, HardSwish and PRelu gradients); use "
-                "--grad symbolic, and onnxcut.channel_sums() for signed checks"
+                f"--grad {backend}: attribution needs positive-part gradient sums, which "
+                "finite differences cannot give (only signed channel sums, see "
+                "onnxcut.channel_sums); use --grad symbolic or ort-training"
             )
+        self.backend = backend
         self.head = head
         self.layers = list(layers)
         self.features = dict(layers)
@@ -67,6 +67,17 @@ class GradientRunner:
         if objective == "logprob":
             # log softmax_k credits channels that push the competing categories down too.
             model, target = _with_log_softmax(model, head.score, head.axis)
+        if backend == "ort-training":
+            from onnxcut.grad.orttraining import _INSTALL, available
+
+            if not available():
+                raise RuntimeMissingError(_INSTALL)
+            # onnxruntime-training bakes the objective into its graph: one build per category.
+            self.model, self.target = model, target
+            self.feature_session = session(
+                expose_tensors(model, list(layers.values())), provider, threads
+            )
+            return
         self.grad = GradientSession(
             model, list(layers.values()), target, head.axis, provider=provider, threads=threads
         )
@@ -85,7 +96,31 @@ class GradientRunner:
         `masks` (P, H, W) weight each category's score; classifiers pass None.
         """
         weights = None if not self.head.spatial else [m.astype(np.float32) for m in masks]
+        if self.backend == "ort-training":
+            return self._ort_gradients(x, categories, weights)
         result = self.grad.run({self.input_name: x}, [int(k) for k in categories], weights)
         acts = {name: result.activations[t] for name, t in self.features.items()}
         grads = {name: result.gradients[t][:, 0] for name, t in self.features.items()}
+        return acts, grads
+
+    def _ort_gradients(self, x: np.ndarray, categories: np.ndarray, weights):
+        from onnxcut.grad.orttraining import ort_gradients
+
+        feeds = {self.input_name: x}
+        feats = list(self.features.values())
+        values = self.feature_session.run(feats, feeds)
+        acts = dict(zip(self.layers, values, strict=True))
+        per_k = [
+            ort_gradients(
+                self.model,
+                feeds,
+                feats,
+                self.target,
+                int(k),
+                self.head.axis,
+                None if weights is None else weights[i],
+            )
+            for i, k in enumerate(categories)
+        ]
+        grads = {name: np.stack([g[t][0] for g in per_k]) for name, t in self.features.items()}
         return acts, grads

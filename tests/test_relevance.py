@@ -102,3 +102,42 @@ def test_top_k_per_class_and_shards(tmp_path):
         np.testing.assert_array_equal(merged.arrays[key], whole.arrays[key], err_msg=key)
     with pytest.raises(DataError, match="--top-k"):
         attribute(sample_model("deeplab_digits"), tmp_path, AttributeOptions(top_k=2))
+
+
+def _two_classes(tmp_path, n=3):
+    import shutil
+
+    for cls in ("4", "8"):
+        (tmp_path / cls).mkdir()
+        for path in sorted((ROOT / "samples/data/digits_cls/val" / cls).glob("*.png"))[:n]:
+            shutil.copy(path, tmp_path / cls / path.name)
+    return tmp_path
+
+
+def test_ort_training_backend_matches_symbolic(tmp_path):
+    """Runs where onnxruntime-training is installed (its own environment, see README)."""
+    from onnxcut.grad.orttraining import available
+
+    model = sample_model("resnet_digits_cls")
+    data = _two_classes(tmp_path)
+    if not available():
+        from onnxcut.errors import RuntimeMissingError
+
+        with pytest.raises(RuntimeMissingError, match="onnxruntime-training"):
+            attribute(model, data, AttributeOptions(tau=0.5, grad="ort-training"))
+        pytest.skip("onnxruntime-training not installed here (it needs its own environment)")
+    symbolic = attribute(model, data, AttributeOptions(tau=0.5))
+    ort = attribute(model, data, AttributeOptions(tau=0.5, grad="ort-training"))
+    for key in symbolic.arrays:
+        np.testing.assert_allclose(
+            ort.arrays[key], symbolic.arrays[key], rtol=1e-4, atol=1e-6, err_msg=key
+        )
+
+
+def test_finite_diff_is_refused_for_attribution(tmp_path):
+    with pytest.raises(DataError, match="positive-part"):
+        attribute(
+            sample_model("resnet_digits_cls"),
+            _two_classes(tmp_path, 1),
+            AttributeOptions(tau=0.5, grad="finite-diff"),
+        )
