@@ -69,17 +69,9 @@ def extract_cmd(
     model: str,
     plan_path: str | None,
     scores: str | None,
-    classes: str | None,
-    alpha: float,
-    beta: float,
-    layers: str | None,
-    min_keep: int | None,
-    background: str,
-    criterion: str,
-    rank: str,
-    round_to: int | None,
     output: str,
     input_shapes: tuple[str, ...],
+    **selection,
 ) -> None:
     """Slice the channels a plan removes out of MODEL and write the smaller model.
 
@@ -94,23 +86,11 @@ def extract_cmd(
 
     if (plan_path is None) == (scores is None):
         raise click.UsageError("give either --plan PLAN.json or --scores SCORES.npz --classes")
-    if scores is not None and not classes:
+    if scores is not None and not selection["classes"]:
         raise click.UsageError("--scores needs --classes, e.g. --classes 4,8")
     shapes = parse_input_shapes(input_shapes)
     if scores is not None:
-        built = build_plan(
-            model,
-            scores,
-            classes,
-            alpha,
-            beta,
-            layers,
-            min_keep,
-            background,
-            criterion,
-            round_to,
-            rank,
-        )
+        built = build_plan(model, scores, **selection)
         plan = parse_plan(built, scores)
     else:
         plan = load_plan(plan_path)

@@ -60,18 +60,13 @@ def selection_options(f, classes_required: bool = True):
 
 
 def build_plan(
-    model: str | None,
-    scores_path: str,
-    classes: str,
-    alpha: float,
-    beta: float,
-    layers: str | None,
-    min_keep: int | None,
-    background: str,
-    criterion: str = "disassembler",
-    round_to: int | None = None,
-    rank: str = "scores",
+    model: str | None, scores_path: str, classes: str, background: str = "0", **selection
 ) -> dict:
+    """Make the plan for the selection options of `plan` and `extract --scores`.
+
+    `selection` holds the remaining options by name (alpha, beta, layers, min_keep, criterion,
+    rank, round_to), as Selection's fields.
+    """
     from pathlib import Path
 
     from onnxcut.errors import DataError
@@ -94,17 +89,7 @@ def build_plan(
             bg = int(background)
         except ValueError:
             raise DataError(f"--background '{background}': an index or none") from None
-    sel = Selection(
-        parse_classes(classes, scores.categories),
-        alpha,
-        beta,
-        layers,
-        min_keep,
-        bg,
-        criterion,
-        round_to,
-        rank,
-    )
+    sel = Selection(parse_classes(classes, scores.categories), background=bg, **selection)
     return make_plan(load(model), scores, sel)
 
 
@@ -117,36 +102,11 @@ def build_plan(
     help="The model SCORES was made from (default: the path recorded in SCORES).",
 )
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
-def plan_cmd(
-    scores,
-    classes,
-    alpha,
-    beta,
-    layers,
-    min_keep,
-    background,
-    criterion,
-    rank,
-    round_to,
-    model,
-    out,
-) -> None:
+def plan_cmd(scores: str, model: str | None, out: str, **selection) -> None:
     """Write the plan (kept channels per layer, head outputs) for --classes from SCORES."""
     from onnxcut.graph import write_text
 
-    plan = build_plan(
-        model,
-        scores,
-        classes,
-        alpha,
-        beta,
-        layers,
-        min_keep,
-        background,
-        criterion,
-        round_to,
-        rank,
-    )
+    plan = build_plan(model, scores, **selection)
     write_text(out, json.dumps(plan, indent=1))
     kept = sum(len(v) for v in plan["keep"].values())
     click.echo(f"{out}: {len(plan['keep'])} groups cut, {kept} channels kept in them")
