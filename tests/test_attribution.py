@@ -272,3 +272,21 @@ def test_rank_l1_keeps_counts_and_picks_largest_filters(seg_scores):
             assert total[keep].min() >= total[dropped].max()
     with pytest.raises(DataError, match="--rank"):
         make_plan(model, seg_scores, Selection(classes=(3, 5), rank="l2"))
+
+
+def test_memory_is_flat_in_the_number_of_images(tmp_path: Path):
+    """Python-side peak memory (numpy included) does not grow with the image count."""
+    import tracemalloc
+
+    source = sorted((SCENES / "images").glob("*.png"))[:4]
+    peaks = {}
+    for n in (8, 40):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        for i in range(n):
+            shutil.copy(source[i % len(source)], folder / f"{i:03d}.png")
+        tracemalloc.start()
+        attribute(sample_model(SEG), folder, AttributeOptions(tau=0.7, batch=4))
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[40] < 1.25 * peaks[8], peaks
