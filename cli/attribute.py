@@ -70,7 +70,13 @@ def _size(text: str | None) -> list[int] | None:
     show_default=True,
     help="S_k sums the category's logit, or its log-softmax.",
 )
-@click.option("--batch", type=int, default=8, show_default=True)
+@click.option(
+    "--batch",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Images per progress and checkpoint step; each image runs alone through the gradients.",
+)
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu")
 @click.option("--threads", type=int)
 @click.option(

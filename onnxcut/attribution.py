@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,14 @@ from onnxcut import data
 from onnxcut.errors import DataError, ModelError
 from onnxcut.gradient_runner import GradientRunner
 from onnxcut.graph import load, sha256
-from onnxcut.probe import Head, channel_counts, find_head, probabilities, probe_layers
+from onnxcut.probe import (
+    Head,
+    channel_counts,
+    find_head,
+    probabilities,
+    probe_layers,
+    resize_masks,
+)
 from onnxcut.relevance import Route
 from onnxcut.scores import Scores, load_scores, quantize, save_scores
 from onnxcut.shapes import default_batch_inplace, infer_shapes
@@ -44,7 +51,7 @@ class AttributeOptions:
     category_axis: int | None = None
     probs: str | None = None
     layers: tuple[str, ...] | None = None
-    batch: int = 8
+    batch: int = 8  # images per progress and checkpoint step (each image runs alone)
     provider: str = "cpu"
     threads: int | None = None
     grad: str = "symbolic"
@@ -277,7 +284,7 @@ def _accumulate(
     if task == "segment":
         masks = probs > tau  # (K, H, W)
         if label is not None:
-            label = _fit_label(label, masks.shape[1:])
+            label = resize_masks(label, masks.shape[1:])  # image size -> output size
             masks &= label[None] == np.arange(head.n_categories)[:, None, None]
         present = np.flatnonzero(masks.reshape(len(masks), -1).any(1))
     else:
@@ -328,18 +335,6 @@ def _normalise(v: np.ndarray) -> np.ndarray:
 
 
 def _resize(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from onnxcut.probe import resize_masks
-
-    if masks.shape[1:] == (1, 1):
+    if masks.shape[1:] == (1, 1):  # classifiers: the whole feature map
         return np.ones((len(masks), *size), bool)
     return resize_masks(masks, size)
-
-
-def _fit_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bring a label mask at image size to the output's size (nearest)."""
-    from onnxcut.probe import resize_masks
-
-    return resize_masks(label, size)
-
-
-__all__ = ["AttributeOptions", "attribute", "replace"]

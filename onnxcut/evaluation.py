@@ -25,7 +25,7 @@ from onnxcut import data
 from onnxcut.errors import DataError
 from onnxcut.graph import load
 from onnxcut.inspection import summarize
-from onnxcut.probe import Head, find_head
+from onnxcut.probe import Head, find_head, resize_masks
 from onnxcut.runtime import session
 from onnxcut.shapes import default_batch_inplace, infer_shapes
 
@@ -167,7 +167,7 @@ def _segmentation(sess, input_name, head, cats, paths, root, pre, opts, model) -
                 "metadata (written by onnxcut extract) to map outputs back"
             ) from None
         pred = _predict(sess, input_name, head, data.to_input(image, pre)[None], channels, cats)[0]
-        truth = _fit(truth, pred.shape)
+        truth = resize_masks(truth, pred.shape)
         if classes is not None:
             keep = np.isin(truth, [*classes, data.IGNORE_LABEL])
             truth = np.where(keep, truth, opts.background)
@@ -199,12 +199,6 @@ def _segmentation(sess, input_name, head, cats, paths, root, pre, opts, model) -
         result["classes"] = list(classes)
         result["miou_classes"] = float(np.mean(chosen)) if chosen else 0.0
     return result
-
-
-def _fit(truth: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    from onnxcut.probe import resize_masks
-
-    return resize_masks(truth, shape) if truth.shape != shape else truth
 
 
 def _classification(sess, input_name, head, cats, paths, root, pre, opts, model) -> dict:
