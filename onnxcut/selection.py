@@ -164,7 +164,7 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
         raise DataError(f"--rank '{sel.rank}': use scores or l1")
     if sel.criterion not in CRITERIA:
         raise DataError(f"--criterion '{sel.criterion}': use one of {', '.join(CRITERIA)}")
-    missing = [k for k in CRITERIA[sel.criterion] if f"{k}/" not in "".join(scores.arrays)]
+    missing = [kind for kind in CRITERIA[sel.criterion] if not scores.layers(kind)]
     if missing:
         raise DataError(
             f"the scores file has no {missing[0]} scores; re-run attribute with "
