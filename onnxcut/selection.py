@@ -166,9 +166,13 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
         raise DataError(f"--criterion '{sel.criterion}': use one of {', '.join(CRITERIA)}")
     missing = [kind for kind in CRITERIA[sel.criterion] if not scores.layers(kind)]
     if missing:
+        why = (
+            "relevance routes come from classifier runs"
+            if missing[0] == "relevance"
+            else "made by an older onnxcut: re-run attribute"
+        )
         raise DataError(
-            f"the scores file has no {missing[0]} scores; re-run attribute with "
-            "this onnxcut version"
+            f"the scores file has no {missing[0]} scores ({why}); pick another --criterion"
         )
     for name, value in (("alpha", sel.alpha), ("beta", sel.beta)):
         if not 0 < value <= 1:
