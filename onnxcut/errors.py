@@ -17,6 +17,10 @@ class ModelError(OnnxcutError):
     """The model file cannot be read, or does not hold what a command needs."""
 
 
+class BatchError(ModelError):
+    """K categories cannot share one backward batch; callers fall back to one at a time."""
+
+
 class DataError(OnnxcutError):
     """Images, masks, scores or plans that are missing, corrupt or inconsistent."""
 

@@ -9,7 +9,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcut.errors import DataError, ModelError, OnnxcutError, UnsupportedOpError
+from onnxcut.errors import (
+    BatchError,
+    DataError,
+    ModelError,
+    OnnxcutError,
+    UnsupportedOpError,
+)
 from onnxcut.grad import VJP_RULES, backward, prepare
 from onnxcut.grad.registry import vjp
 from onnxcut.graph import load
@@ -524,16 +530,43 @@ def test_classifier_logits_before_softmax():
         _assert_sums(got[name].sum(axis=(2, 3)), _fd_channel_sums(model, feeds, name, logits, 3))
 
 
-def test_categories_batched_equal_one_at_a_time():
+def tflite_style():
+    """NHWC input behind a Transpose, a channel Pad widening a residual, an SE gate."""
+    b = NetBuilder((2, 3, 16, 16), layout="nhwc", seed=5)
+    c1 = b.conv(b.input, 4, stride=2)
+    x = b.relu(c1)
+    c2 = b.conv(x, 6)
+    x = b.relu(b.add(b.pad(x, [0, 0, 0, 0, 0, 2, 0, 0]), b.se(c2)))
+    c3 = b.conv(b.maxpool(x, k=3, stride=2, pads=(1, 1, 1, 1)), 5)
+    out = b.transpose(b.resize(c3, 4.0), [0, 2, 3, 1])
+    return b.build([out]), [c1, c2, c3], out
+
+
+NETS = {
+    "segmenter": (segmenter, 1),
+    "segmenter-nhwc": (lambda: segmenter(nhwc_out=True), -1),
+    "classifier": (lambda: classifier(), 1),
+    "tflite": (tflite_style, -1),
+}
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_categories_batched_equal_one_at_a_time(net):
     from onnxcut.grad import GradientSession
 
-    model, convs, out = segmenter()
-    sess = GradientSession(model, convs, out)
+    build, axis = NETS[net]
+    model, convs, out = build()
+    sess = GradientSession(model, convs, out, axis=axis)
     assert sess.batched
-    masks = [np.ones((16, 16)), (rand(2, 16, 16, seed=6) > 0), np.eye(16)]
-    both = sess.run(_feeds(), [4, 0, 4], masks)
-    for k, (cat, mask) in enumerate(zip([4, 0, 4], masks, strict=True)):
-        one = sess.run(_feeds(), [cat], mask)
+    feeds = _feeds((2, 16, 16, 3) if net == "tflite" else (2, 3, 16, 16))
+    if net == "classifier":
+        feeds, masks = _feeds((2, 3, 12, 12)), [None] * 3
+    else:
+        masks = [np.ones((16, 16)), (rand(2, 16, 16, seed=6) > 0), np.eye(16)]
+    cats = [4, 0, 4]
+    both = sess.run(feeds, cats, None if masks[0] is None else masks)
+    for k, (cat, mask) in enumerate(zip(cats, masks, strict=True)):
+        one = sess.run(feeds, [cat], mask)
         for name in convs:
             np.testing.assert_allclose(
                 both.gradients[name][k], one.gradients[name][0], rtol=1e-5, atol=1e-6
@@ -691,3 +724,47 @@ def test_symbolic_matches_ort_training():
     theirs = gradients(model, feeds, [c1, c2, c3], logits, 2, backend="ort-training")
     for name in (c1, c2, c3):
         np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-5)
+
+
+# Cases whose nodes mix the batch axis (or whose differentiated input has no batch axis):
+# the driver must refuse to stack category copies there.
+NOT_BATCHABLE = {
+    "Expand-Expand",
+    "Gemm-transA",
+    "Gemm-both",
+    "MatMul-both",
+    "ReduceMean-all",
+    "Sub-Sub",
+}
+
+
+@pytest.mark.parametrize("case", _case_params())
+def test_rule_batched_over_categories_matches_one_at_a_time(case: Case):
+    """Two seeds stacked as one backward batch of two category copies give each copy's
+    unbatched gradient, or the driver refuses the batching."""
+    model = case.model()
+    output = f"y{case.output}"
+    (y,) = session(model).run([output], case.feeds)
+    seeds = [rand(*y.shape, seed=7, scale=1.0), rand(*y.shape, seed=8, scale=1.0)]
+    wrt = list(case.feeds)
+    proto = _with_seed(prepare(load(model)), output, [2 * y.shape[0], *y.shape[1:]])
+    proto.graph.input.append(helper.make_tensor_value_info("copies", TensorProto.INT64, [1]))
+    if f"{case.op}-{case.name}" in NOT_BATCHABLE:
+        with pytest.raises(BatchError, match="one at a time"):
+            backward(proto, output, wrt, "seed", repeats="copies")
+        return
+    batched, names = backward(proto, output, wrt, "seed", repeats="copies")
+    got = session(batched).run(
+        [names[w] for w in wrt],
+        {**case.feeds, "seed": np.concatenate(seeds), "copies": np.array([2], np.int64)},
+    )
+    plain, plain_names = backward(
+        _with_seed(prepare(load(model)), output, y.shape), output, wrt, "seed"
+    )
+    for k, seed in enumerate(seeds):
+        want = session(plain).run([plain_names[w] for w in wrt], {**case.feeds, "seed": seed})
+        for w, g, one in zip(wrt, got, want, strict=True):
+            n = one.shape[0]
+            np.testing.assert_allclose(
+                g[k * n : (k + 1) * n], one, rtol=1e-5, atol=1e-6, err_msg=f"copy {k}, d/d{w}"
+            )

@@ -9,6 +9,7 @@ import onnx
 from onnx import ModelProto, NodeProto, helper, version_converter
 
 from onnxcut.errors import ModelError, UnsupportedOpError
+from onnxcut.grad.batching import check_batchable
 from onnxcut.grad.emitter import Emitter, Site
 from onnxcut.grad.registry import VJP_RULES, supported_ops
 from onnxcut.graph import FLOAT_TYPES, GraphIndex, opset_version
@@ -55,7 +56,8 @@ def backward(
 
     `seed` must already exist in the model (an input or a computed tensor) and holds dL/d
     output. With `repeats` (a (1,) int64 tensor K) the seed's batch is K times the forward
-    batch. Returns a new model whose extra outputs are the gradients, and {wrt: gradient name}.
+    batch; a node that would mix the K copies raises BatchError. Returns a new model whose
+    extra outputs are the gradients, and {wrt: gradient name}.
     """
     assert opset_version(model) >= MIN_OPSET, "call prepare() first"
     new = ModelProto()
@@ -71,13 +73,18 @@ def backward(
                 "the output depends on"
             )
     emitter = Emitter(index, _descendants(index, set(index.inputs), floats_only=False), repeats)
-    emitter.set_batch((index.shape(output) or [None])[0])
+    batch = (index.shape(output) or [None])[0]
+    emitter.set_batch(batch)
     grads: dict[str, list[str]] = {output: [seed]}
     path = [
         n
         for n in index.graph.node
         if any(i in active for i in n.input) and any(o in relevant for o in n.output)
     ]
+    if repeats is not None:
+        floats = _descendants(index, set(index.inputs))
+        for node in path:
+            check_batchable(node, index, floats, batch)
     for node in reversed(path):
         dys = [_accumulate(emitter, grads, o) for o in node.output]
         if all(d is None for d in dys):

@@ -16,7 +16,7 @@ from onnxcut.grad.registry import vjp
 
 def _scaled(g: Emitter, s: Site, factor: str, like: str) -> str:
     """dy times a forward-derived factor."""
-    return g.mul(s.g, g.tile_like(factor, like))
+    return g.times(s.g, factor, like, s.y)
 
 
 def _masked(g: Emitter, s: Site, condition: str, like: str) -> str:
@@ -113,10 +113,9 @@ def clip(g: Emitter, s: Site):
 
 @vjp("Softmax")
 def softmax(g: Emitter, s: Site):
-    y = g.fwd(s.y)
     axis = int(s.attrs.get("axis", -1))
-    dot = g.op("ReduceSum", [g.mul(s.g, y), g.ints([axis])], keepdims=1)
-    return (g.mul(y, g.op("Sub", [s.g, dot])),)
+    dot = g.op("ReduceSum", [g.times(s.g, s.y, s.y, s.y), g.ints([axis])], keepdims=1)
+    return (g.times(g.op("Sub", [s.g, dot]), s.y, s.y, s.y),)
 
 
 @vjp("LogSoftmax")
@@ -141,17 +140,17 @@ def sub(g: Emitter, s: Site):
 def mul(g: Emitter, s: Site):
     a, b = s.node.input[:2]
     return (
-        g.mul(s.g, g.fwd(b)) if s.needs[0] else None,
-        g.mul(s.g, g.fwd(a)) if s.needs[1] else None,
+        g.times(s.g, b, b, s.y) if s.needs[0] else None,
+        g.times(s.g, a, a, s.y) if s.needs[1] else None,
     )
 
 
 @vjp("Div", broadcast=True)
 def div(g: Emitter, s: Site):
-    b = g.fwd(s.node.input[1])
-    da = g.op("Div", [s.g, b]) if s.needs[0] or s.needs[1] else None
+    b = s.node.input[1]
+    da = g.times(s.g, b, b, s.y, op="Div") if s.needs[0] or s.needs[1] else None
     # d(a/b)/db = -(a/b)/b, so -dy/b * y
-    db = g.neg(g.mul(da, g.fwd(s.y))) if s.needs[1] else None
+    db = g.neg(g.times(da, s.y, s.y, s.y)) if s.needs[1] else None
     return (da if s.needs[0] else None, db)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
-from onnxcut.errors import ModelError
+from onnxcut.errors import BatchError, ModelError
 from onnxcut.graph import GraphIndex, attrs
 
 _NP_DTYPES = {
@@ -65,6 +65,7 @@ class Emitter:
         self._taken |= {n.name for n in index.graph.node} | {i.name for i in index.graph.input}
         self._tiled: dict[str, str] = {}
         self._repeat_vectors: dict[int, str] = {}
+        self._split_targets: dict[str, str] = {}
         self._batch = None
 
     # -- naming and emission ------------------------------------------------------------
@@ -155,13 +156,47 @@ class Emitter:
         self.check_batch(like)
         return self.op("Tile", [name, self._repeat_vector(rank)])
 
+    def times(
+        self, dy: str, factor: str, like: str, out: str, result: str | None = None, op: str = "Mul"
+    ) -> str:
+        """`op`(dy, factor): dy is the gradient of forward tensor `out` (backward batch), factor
+        was computed on the forward batch like forward tensor `like`; the product has the shape
+        of forward tensor `result` (default `out`) in the backward batch.
+
+        With batched categories dy is viewed as (K, N, ...) so the factor broadcasts over K:
+        tiling it K times costs a copy per rule, even for K = 1. Reshape is free in onnxruntime.
+        """
+        if self.repeats is None or like not in self.varying:
+            return self.op(op, [dy, factor])
+        self.check_batch(like)
+        self.check_batch(out)
+        if self._batch == 1:  # (K, ...) against (1, ...) broadcasts as it is
+            return self.op(op, [dy, factor])
+        if len(self.index.shape(like) or []) != len(self.index.shape(out) or [None]):
+            return self.op(op, [dy, self.tile_like(factor, like)])
+        split = self.op("Reshape", [dy, self.split_target(out)])
+        product = self.op(op, [split, factor])
+        return self.op("Reshape", [product, self.reshape_target(result or out)])
+
+    def split_target(self, name: str) -> str:
+        """A Reshape target viewing a backward-batch tensor shaped like forward tensor `name`
+        as (K, *name's forward shape)."""
+        if name not in self._split_targets:
+            dims = self.index.shape(name)
+            if dims is not None and all(isinstance(d, int) and d > 0 for d in dims):
+                self._split_targets[name] = self.ints([-1, *dims])
+            else:
+                shape = self.op("Shape", [name])
+                self._split_targets[name] = self.op("Concat", [self.ints([-1]), shape], axis=0)
+        return self._split_targets[name]
+
     def check_batch(self, name: str) -> None:
         """Refuse category batching when a tensor does not keep the batch on axis 0."""
         shape = self.index.shape(name)
         if self._batch is not None and shape and shape[0] != self._batch:
-            raise ModelError(
+            raise BatchError(
                 f"tensor '{name}' does not keep the batch on axis 0 (shape "
-                f"{'x'.join(map(str, shape))}); categories must run one at a time"
+                f"{'x'.join(map(str, shape))}); categories run one at a time"
             )
 
     def set_batch(self, dim: int | str | None) -> None:

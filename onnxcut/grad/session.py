@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from onnxcut.errors import DataError, ModelError
+from onnxcut.errors import BatchError, DataError, ModelError
 from onnxcut.grad.backward import backward, prepare
 from onnxcut.graph import GraphIndex, load
 from onnxcut.runtime import session
@@ -80,10 +80,8 @@ class GradientSession:
         try:
             graph, grads = backward(with_seed, output, self.wrt, seed, repeats=_K)
             self.batched = True
-        except ModelError as e:
-            if "one at a time" not in str(e):
-                raise
-            log.info("%s; running categories one at a time", e)
+        except BatchError as e:
+            log.info("%s", e)
             graph, grads = backward(with_seed, output, self.wrt, seed)
             self.batched = False
         self.grad_names = [grads[name] for name in self.wrt]

@@ -81,13 +81,14 @@ def pad(g: Emitter, s: Site):
         for k, a in enumerate(axes):
             grow[a], grow[rank + a] = max(-begins[k], 0), max(-ends[k], 0)
         dy = g.op("Pad", [dy, g.ints(grow)])
-    ys = g.static_shape(s.y, s.node, axes)
-    starts = [max(b, 0) for b in begins]
-    stops = [
-        ys[a] + max(-b, 0) + max(-e, 0) - max(e, 0)
-        for a, b, e in zip(axes, begins, ends, strict=True)
-    ]
-    dx = g.op("Slice", [dy, g.ints(starts), g.ints(stops), g.ints(axes)])
+    # Slice only the padded axes: an untouched batch axis holds K category copies.
+    moved = [k for k in range(n) if begins[k] or ends[k]]
+    if not moved:
+        return (dy, None, None, None)
+    ys = g.static_shape(s.y, s.node, [axes[k] for k in moved])
+    starts = [max(begins[k], 0) for k in moved]
+    stops = [ys[axes[k]] + max(-begins[k], 0) + max(-ends[k], 0) - max(ends[k], 0) for k in moved]
+    dx = g.op("Slice", [dy, g.ints(starts), g.ints(stops), g.ints([axes[k] for k in moved])])
     return (dx, None, None, None)
 
 
