@@ -9,6 +9,12 @@ on the same weights and thread count:
   torch     eager autograd with forward hooks calling retain_grad, parameters frozen
   forward   onnxruntime forward only (the same exported model)
 and prints onnxcut/torch and onnxcut/forward ratios (targets: >= 1.5 and >= 0.40).
+
+It also prints the compute bound on the first ratio: the backward pass needs one input-gradient
+convolution per Conv that does not read the image, with the forward Conv's MACs. Running all
+forward and backward MACs at the rate onnxruntime's forward pass reaches, with nothing else,
+would take (forward MACs + backward MACs) / forward rate; torch's time over that is the best
+ratio any backward graph made of onnxruntime's convolutions can show on this machine.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import torch
 from torch import nn
 
 from onnxcut.grad import GradientSession
+from onnxcut.graph import load
+from onnxcut.inspection import layers
 from onnxcut.runtime import session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,13 +89,18 @@ def _deeplab() -> nn.Module:
     return module.DeepLab()
 
 
-def _timed(fns: dict, repeat: int) -> dict[str, float]:
-    """Median seconds per call, the candidates interleaved so machine load hits all alike."""
+def _timed(fns: dict, repeat: int, gap: float) -> dict[str, float]:
+    """Median seconds per call, the candidates interleaved so machine load hits all alike.
+
+    `gap` seconds of sleep before each call let the previous candidate's thread pool (torch's
+    OpenMP threads, onnxruntime's spinning workers) go idle instead of competing for cores.
+    """
     for fn in fns.values():
         fn()  # warm-up: allocations, kernel selection
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for key, fn in fns.items():
+            time.sleep(gap)
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)
@@ -111,7 +124,22 @@ def _torch_grads(net: nn.Module, x: torch.Tensor, category: int):
     return [a.detach().numpy() for a in acts], [a.grad.numpy() for a in acts]
 
 
-def bench(name: str, net: nn.Module, shape: tuple[int, ...], threads: int, repeat: int) -> None:
+def _macs(model: onnx.ModelProto) -> tuple[int, int]:
+    """Forward MACs of every layer, and backward MACs: each Conv not reading a graph input
+    needs an input-gradient convolution of its own MACs."""
+    rows = layers(load(model))
+    inputs = {i.name for i in model.graph.input}
+    reads_input = {n.name for n in model.graph.node if n.input and n.input[0] in inputs}
+    forward = sum(row["flops"] for row in rows)
+    backward = sum(
+        row["flops"] for row in rows if row["op"] == "Conv" and row["name"] not in reads_input
+    )
+    return forward, backward
+
+
+def bench(
+    name: str, net: nn.Module, shape: tuple[int, ...], threads: int, repeat: int, gap: float
+) -> None:
     torch.manual_seed(0)
     net.eval()
     for p in net.parameters():
@@ -144,8 +172,11 @@ def bench(name: str, net: nn.Module, shape: tuple[int, ...], threads: int, repea
             "torch": lambda: _torch_grads(net, x, 1),
         },
         repeat,
+        gap,
     )
     t_ours, t_ours3, t_fwd, t_torch = t["ours"], t["ours3"], t["fwd"], t["torch"]
+    fwd_macs, bwd_macs = _macs(model)
+    rate = fwd_macs / t_fwd
     print(
         f"\n{name}: batch {shape}, {len(convs)} Conv outputs, {threads} threads, "
         f"session built in {build:.1f} s"
@@ -160,6 +191,13 @@ def bench(name: str, net: nn.Module, shape: tuple[int, ...], threads: int, repea
         print(f"  {label:26s} {n / t:8.1f} images/s  ({t * 1000:7.1f} ms/batch)")
     print(f"  onnxcut / torch eager   {t_torch / t_ours:5.2f}x  (target >= 1.5)")
     print(f"  onnxcut / forward only  {t_fwd / t_ours:5.2f}   (target >= 0.40)")
+    print(
+        f"  MACs per batch: forward {fwd_macs / 1e9:.2f} G, backward {bwd_macs / 1e9:.2f} G; "
+        f"onnxruntime forward runs {rate / 1e9:.1f} GMAC/s"
+    )
+    print(
+        f"  compute bound on onnxcut / torch eager: {t_torch / ((fwd_macs + bwd_macs) / rate):.2f}x"
+    )
     _check_same(grad_session, feeds, net, x)
 
 
@@ -178,13 +216,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", choices=["resnet18", "deeplab"])
+    parser.add_argument(
+        "--gap", type=float, default=0.3, help="seconds of idle before each timed call"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     if args.only in (None, "resnet18"):
-        bench("resnet18", ResNet18(), (args.batch, 3, 224, 224), args.threads, args.repeat)
+        bench(
+            "resnet18", ResNet18(), (args.batch, 3, 224, 224), args.threads, args.repeat, args.gap
+        )
     if args.only in (None, "deeplab"):
-        bench("deeplab", _deeplab(), (args.batch, 3, 64, 64), args.threads, args.repeat)
+        bench("deeplab", _deeplab(), (args.batch, 3, 64, 64), args.threads, args.repeat, args.gap)
 
 
 if __name__ == "__main__":

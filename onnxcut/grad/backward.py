@@ -56,8 +56,9 @@ def backward(
 
     `seed` must already exist in the model (an input or a computed tensor) and holds dL/d
     output. With `repeats` (a (1,) int64 tensor K) the seed's batch is K times the forward
-    batch; a node that would mix the K copies raises BatchError. Returns a new model whose
-    extra outputs are the gradients, and {wrt: gradient name}.
+    batch; a node that would mix the K copies raises BatchError, and a gradient output may be
+    shaped (K, N, ...) instead of (K*N, ...). Returns a new model whose extra outputs are the
+    gradients, and {wrt: gradient name}.
     """
     assert opset_version(model) >= MIN_OPSET, "call prepare() first"
     new = ModelProto()
@@ -116,6 +117,7 @@ def backward(
                 f"tensor '{name}' reaches output '{output}' only through integer or boolean "
                 "tensors, so no gradient flows; pick a float tensor nearer the output"
             )
+        grad = emitter.views.get(grad, grad)
         if grad in index.inputs or grad in result.values():
             grad = emitter.op("Identity", [grad])
         result[name] = grad

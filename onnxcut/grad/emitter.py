@@ -66,6 +66,9 @@ class Emitter:
         self._tiled: dict[str, str] = {}
         self._repeat_vectors: dict[int, str] = {}
         self._split_targets: dict[str, str] = {}
+        # Reshape output -> its (K, N, ...) input: a graph output should be the input, since
+        # onnxruntime copies a Reshape whose output leaves the graph.
+        self.views: dict[str, str] = {}
         self._batch = None
 
     # -- naming and emission ------------------------------------------------------------
@@ -176,7 +179,9 @@ class Emitter:
             return self.op(op, [dy, self.tile_like(factor, like)])
         split = self.op("Reshape", [dy, self.split_target(out)])
         product = self.op(op, [split, factor])
-        return self.op("Reshape", [product, self.reshape_target(result or out)])
+        merged = self.op("Reshape", [product, self.reshape_target(result or out)])
+        self.views[merged] = product
+        return merged
 
     def split_target(self, name: str) -> str:
         """A Reshape target viewing a backward-batch tensor shaped like forward tensor `name`

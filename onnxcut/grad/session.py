@@ -132,8 +132,9 @@ class GradientSession:
     def _result(self, values: list[np.ndarray], k: int) -> GradientResult:
         n = len(self.wrt)
         acts = dict(zip(self.wrt, values[:n], strict=True))
+        # Gradients arrive as (K*N, ...) or, batched, (K, N, ...); both hold K copies of N.
         grads = {
-            name: g.reshape(k, -1, *g.shape[1:])
+            name: g.reshape(k, *acts[name].shape)
             for name, g in zip(self.wrt, values[n:], strict=True)
         }
         return GradientResult(acts, grads)
