@@ -299,15 +299,18 @@ def _accumulate(
         g = grads[name]  # (P, C, h, w) or (P, C)
         if f.ndim == 1:
             f, g = f[:, None, None], g[:, :, None, None]
-        m = _resize(masks[present], f.shape[1:]).astype(np.float32)  # (P, h, w)
+        # Masked sums over pixels as float64 matrix products (BLAS, not einsum's loops).
+        m = _resize(masks[present], f.shape[1:]).reshape(len(present), -1, 1).astype(np.float64)
+        f = f.reshape(len(f), -1).astype(np.float64)  # (C, hw)
+        g = g.reshape(*g.shape[:2], -1).astype(np.float64)  # (P, C, hw)
         # Magnitudes: a feature map that no ReLU follows (a residual branch before its Add)
         # carries signal in negative values too; after a ReLU this is the plain sum.
-        fsum = np.einsum("chw,phw->pc", np.abs(f), m, dtype=np.float64)
-        gsum = np.einsum("pchw,phw->pc", np.maximum(g, 0), m, dtype=np.float64)
+        fsum = (np.abs(f) @ m)[..., 0]  # (P, C)
+        gsum = (np.maximum(g, 0) @ m)[..., 0]
         scores.arrays[f"forward/{name}"][present] += quantize(_normalise(fsum))
         scores.arrays[f"backward/{name}"][present] += quantize(_normalise(gsum))
         # First-order change of S_k when channel c is zeroed: |sum_M F_c dS_k/dF_c|.
-        tsum = np.abs(np.einsum("chw,pchw,phw->pc", f, g, m, dtype=np.float64))
+        tsum = np.abs(((g * f) @ m)[..., 0])
         scores.arrays[f"taylor/{name}"][present] += quantize(_normalise(tsum))
     if route is not None:
         _add_relevance(scores, route, extras, present)
