@@ -1,8 +1,8 @@
 """Forward and backward sessions for attribution, built once per run.
 
-The forward session gives the category probabilities that decide each image's masks; the
-GradientSession then returns the probed activations and, in one run, the gradients of every
-present category's masked score sum.
+The GradientSession's forward half gives the category probabilities that decide each
+image's masks, and the probed activations; its backward half then returns, in one run, the
+gradients of every present category's masked score sum.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from onnxcut.grad import GradientSession
 from onnxcut.graph import expose_tensors
 from onnxcut.probe import Head
 from onnxcut.runtime import session
-from onnxcut.shapes import infer_shapes
+from onnxcut.shapes import graph_inputs, infer_shapes
 
 OBJECTIVES = ("logit", "logprob")
 
@@ -60,9 +60,8 @@ class GradientRunner:
         self.features = dict(layers)
         score = [head.score] if head.score != head.output else []
         self.extra = [t for t in dict.fromkeys(extra or []) if t not in (head.output, head.score)]
-        self.forward_session = session(expose_tensors(model, score + self.extra), provider, threads)
         self.forward_names = [head.output, *score]
-        self.input_name = self.forward_session.get_inputs()[0].name
+        self.input_name = graph_inputs(model)[0].name
         target = head.score
         if objective == "logprob":
             # log softmax_k credits channels that push the competing categories down too.
@@ -74,17 +73,34 @@ class GradientRunner:
                 raise RuntimeMissingError(_INSTALL)
             # onnxruntime-training bakes the objective into its graph: one build per category.
             self.model, self.target = model, target
+            self.forward_session = session(
+                expose_tensors(model, score + self.extra), provider, threads
+            )
             self.feature_session = session(
                 expose_tensors(model, list(layers.values())), provider, threads
             )
             return
+        # Split in two halves: the forward half, run once per image, also gives the
+        # probabilities that decide the masks; the backward half then needs only the masks.
         self.grad = GradientSession(
-            model, list(layers.values()), target, head.axis, provider=provider, threads=threads
+            model,
+            list(layers.values()),
+            target,
+            head.axis,
+            provider=provider,
+            threads=threads,
+            forward_outputs=self.forward_names + self.extra,
         )
+        self._last: tuple[np.ndarray, dict] | None = None
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, dict]:
         """Return (score tensor, probabilities output or None, extra tensors) for a batch."""
-        outs = self.forward_session.run(self.forward_names + self.extra, {self.input_name: x})
+        if self.backend == "symbolic":
+            values = self.grad.forward({self.input_name: x})
+            self._last = (x, values)  # gradients(x, ...) reuses this forward pass
+            outs = [values[n] for n in self.forward_names + self.extra]
+        else:
+            outs = self.forward_session.run(self.forward_names + self.extra, {self.input_name: x})
         extras = dict(zip(self.extra, outs[len(self.forward_names) :], strict=True))
         if len(self.forward_names) == 2:
             return outs[1], outs[0], extras
@@ -98,7 +114,9 @@ class GradientRunner:
         weights = None if not self.head.spatial else [m.astype(np.float32) for m in masks]
         if self.backend == "ort-training":
             return self._ort_gradients(x, categories, weights)
-        result = self.grad.run({self.input_name: x}, [int(k) for k in categories], weights)
+        feeds = {self.input_name: x}
+        values = self._last[1] if self._last and self._last[0] is x else self.grad.forward(feeds)
+        result = self.grad.backward(feeds, values, [int(k) for k in categories], weights)
         acts = {name: result.activations[t] for name, t in self.features.items()}
         grads = {name: result.gradients[t][:, 0] for name, t in self.features.items()}
         return acts, grads

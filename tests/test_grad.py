@@ -18,7 +18,7 @@ from onnxcut.errors import (
 )
 from onnxcut.grad import VJP_RULES, backward, prepare
 from onnxcut.grad.registry import vjp
-from onnxcut.graph import load
+from onnxcut.graph import expose_tensors, load
 from onnxcut.runtime import session
 
 from conftest import SAMPLE_MODELS, SAMPLE_NAMES
@@ -769,3 +769,47 @@ def test_rule_batched_over_categories_matches_one_at_a_time(case: Case):
             np.testing.assert_allclose(
                 rows[k * n : (k + 1) * n], one, rtol=1e-5, atol=1e-6, err_msg=f"copy {k}, d/d{w}"
             )
+
+
+def batch_mixing():
+    """A Transpose that moves the batch axis: categories must run one at a time."""
+    b = NetBuilder((2, 3, 16, 16), seed=8)
+    c1 = b.conv(b.input, 4)
+    x = b.transpose(b.relu(b.transpose(c1, [1, 0, 2, 3])), [1, 0, 2, 3])
+    c2 = b.conv(x, 5)
+    return b.build([c2]), [c1, c2], c2
+
+
+@pytest.mark.parametrize("net", [*sorted(NETS), "batch-mixing"])
+def test_split_session_equals_one_session(net):
+    """forward() then backward() on two sessions gives run()'s results bit for bit, and
+    forward() returns the asked forward tensors as a plain session computes them."""
+    from onnxcut.grad import GradientSession
+
+    build, axis = NETS.get(net, (batch_mixing, 1))
+    model, convs, out = build()
+    whole = GradientSession(model, convs, out, axis=axis)
+    split = GradientSession(model, convs, out, axis=axis, forward_outputs=[out, convs[0]])
+    assert split.batched == whole.batched == (net != "batch-mixing")
+    feeds = _feeds(
+        {"tflite": (2, 16, 16, 3), "classifier": (2, 3, 12, 12)}.get(net, (2, 3, 16, 16))
+    )
+    masks = None if net == "classifier" else [np.ones((16, 16)), rand(2, 16, 16, seed=6) > 0]
+    values = split.forward(feeds)
+    (want,) = session(expose_tensors(model, [out])).run([out], feeds)
+    np.testing.assert_allclose(values[out], want, rtol=1e-5, atol=1e-6)  # other fusions
+    got = split.backward(feeds, values, [3, 1], masks)
+    ref = whole.run(feeds, [3, 1], masks)
+    for name in convs:
+        np.testing.assert_array_equal(got.gradients[name], ref.gradients[name])
+        np.testing.assert_array_equal(got.activations[name], ref.activations[name])
+    again = split.run(feeds, [3, 1], masks)  # run() on a split session: both halves
+    np.testing.assert_array_equal(again.gradients[convs[0]], ref.gradients[convs[0]])
+
+
+def test_split_session_refuses_unknown_forward_output():
+    from onnxcut.grad import GradientSession
+
+    model, convs, out = segmenter()
+    with pytest.raises(ModelError, match="forward output 'nope' is not a tensor"):
+        GradientSession(model, convs, out, forward_outputs=["nope"])

@@ -20,6 +20,7 @@ from onnxcut.errors import BatchError, DataError, ModelError
 from onnxcut.grad.backward import backward, prepare
 from onnxcut.graph import GraphIndex, load
 from onnxcut.runtime import session
+from onnxcut.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class GradientSession:
         wrt: intermediate tensor names to differentiate with respect to.
         output: the tensor the objective reads; `axis` (negative allowed) is its category axis.
         input_shapes: fixes dynamic input dims, as `--input-shape` does.
+        forward_outputs: split the graph in two sessions, so `forward()` runs the forward half
+            once (returning these tensors too, for example the probabilities that decide the
+            masks) and `backward()` runs only the backward half. Without it one session runs
+            both, which is faster when categories and masks are known before the forward pass.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class GradientSession:
         provider: str = "cpu",
         threads: int | None = None,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
+        forward_outputs: Sequence[str] | None = None,
     ):
         proto = prepare(load(model, input_shapes))
         index = GraphIndex(proto)
@@ -91,8 +97,19 @@ class GradientSession:
             for n, w in [*((w, w) for w in self.wrt), *zip(self.grad_names, self.wrt, strict=True)]
         )
         self.model = graph
-        self.session = session(graph, provider=provider, threads=threads)
         self.outputs = [*self.wrt, *self.grad_names]
+        self.split = forward_outputs is not None
+        if not self.split:
+            self.session = session(graph, provider=provider, threads=threads)
+            return
+        known = set(GraphIndex(graph).producer) | {i.name for i in graph.graph.input}
+        for name in forward_outputs:
+            if name not in known:
+                raise ModelError(f"forward output '{name}' is not a tensor of the graph")
+        first, second, self.boundary = _split(graph, [*forward_outputs, *self.wrt], self.grad_names)
+        self.forward_names = [o.name for o in first.graph.output]
+        self.forward_session = session(first, provider=provider, threads=threads)
+        self.backward_session = session(second, provider=provider, threads=threads)
 
     def run(
         self,
@@ -105,15 +122,9 @@ class GradientSession:
         `masks` is None (sum everything), one array for every category, or a list of K arrays;
         each broadcasts against the output with the category axis taken out.
         """
-        cats = np.asarray(categories, np.int64).reshape(-1)
-        if cats.size == 0:
-            raise DataError("no categories given; pass at least one category index")
-        bad = cats[(cats < 0) | (cats >= self.classes)]
-        if bad.size:
-            raise DataError(
-                f"category {int(bad[0])} is out of range: output '{self.output}' has "
-                f"{self.classes} categories along axis {self.axis} (0..{self.classes - 1})"
-            )
+        cats = self._categories(categories)
+        if self.split:
+            return self.backward(feeds, self.forward(feeds), cats, masks)
         mask = self._masks(feeds, masks, len(cats))
         if self.batched:
             values = self.session.run(self.outputs, {**feeds, CATEGORIES: cats, MASK: mask})
@@ -128,6 +139,54 @@ class GradientSession:
         n = len(self.wrt)
         stacked = runs[0][:n] + [np.concatenate([r[n + i] for r in runs]) for i in range(n)]
         return self._result(stacked, len(cats))
+
+    def forward(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the forward half (a session built with `forward_outputs`): every forward
+        output, activation and value the backward half reads, by name."""
+        assert self.split, "forward() needs a GradientSession built with forward_outputs"
+        values = self.forward_session.run(self.forward_names, dict(feeds))
+        # Graph inputs asked for (an image a relevance route reads) come from the feeds.
+        return {**feeds, **dict(zip(self.forward_names, values, strict=True))}
+
+    def backward(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        forward: Mapping[str, np.ndarray],
+        categories: Sequence[int],
+        masks: np.ndarray | Sequence[np.ndarray] | None = None,
+    ) -> GradientResult:
+        """Gradients for K categories from the values `forward(feeds)` returned."""
+        assert self.split, "backward() needs a GradientSession built with forward_outputs"
+        cats = self._categories(categories)
+        mask = self._masks(feeds, masks, len(cats))
+        given = {n: forward[n] if n in forward else feeds[n] for n in self.boundary}
+        acts = [forward[name] for name in self.wrt]
+        if self.batched:
+            grads = self.backward_session.run(
+                self.grad_names, {**given, CATEGORIES: cats, MASK: mask}
+            )
+            return self._result(acts + grads, len(cats))
+        runs = [
+            self.backward_session.run(
+                self.grad_names,
+                {**given, CATEGORIES: cats[k : k + 1], MASK: mask[min(k, len(mask) - 1)][None]},
+            )
+            for k in range(len(cats))
+        ]
+        grads = [np.concatenate([r[i] for r in runs]) for i in range(len(self.wrt))]
+        return self._result(acts + grads, len(cats))
+
+    def _categories(self, categories: Sequence[int]) -> np.ndarray:
+        cats = np.asarray(categories, np.int64).reshape(-1)
+        if cats.size == 0:
+            raise DataError("no categories given; pass at least one category index")
+        bad = cats[(cats < 0) | (cats >= self.classes)]
+        if bad.size:
+            raise DataError(
+                f"category {int(bad[0])} is out of range: output '{self.output}' has "
+                f"{self.classes} categories along axis {self.axis} (0..{self.classes - 1})"
+            )
+        return cats
 
     def _result(self, values: list[np.ndarray], k: int) -> GradientResult:
         n = len(self.wrt)
@@ -216,3 +275,66 @@ def _add_objective(
     ]
     g.node.extend(helper.make_node(op, ins, [out], name=out, **kw) for op, ins, out, kw in nodes)
     return model, "objective/seed"
+
+
+def _split(
+    model: ModelProto, keep: Sequence[str], grads: Sequence[str]
+) -> tuple[ModelProto, ModelProto, list[str]]:
+    """Cut the gradient graph where the category and mask inputs enter.
+
+    Returns the forward half (outputs: `keep` and every value the backward half reads), the
+    backward half (inputs: those values, the categories and the mask) and the names of the
+    values crossing the cut.
+    """
+    graph = model.graph
+    index = GraphIndex(infer_shapes(model))  # types of the emitted tensors crossing the cut
+    seeded = {CATEGORIES, MASK}
+    back, front = [], []
+    for node in graph.node:  # topological order: a node after its inputs' producers
+        if any(i in seeded for i in node.input):
+            seeded.update(o for o in node.output if o)
+            back.append(node)
+        else:
+            front.append(node)
+    produced = {o for n in front for o in n.output} | {i.name for i in graph.input}
+    boundary = list(
+        dict.fromkeys(i for n in back for i in n.input if i in produced and i not in seeded)
+    )
+    inputs = {i.name for i in graph.input}
+    wanted = [n for n in dict.fromkeys([*keep, *boundary]) if n not in inputs]
+    first = _subgraph(
+        model, front, [i for i in graph.input if i.name not in (CATEGORIES, MASK)], wanted, index
+    )
+    second_inputs = [
+        next(i for i in graph.input if i.name == name)
+        if name in inputs
+        else helper.make_tensor_value_info(
+            name, index.dtype(name) or TensorProto.FLOAT, index.shape(name)
+        )
+        for name in boundary
+    ] + [i for i in graph.input if i.name in (CATEGORIES, MASK)]
+    second = _subgraph(model, back, second_inputs, grads, index)
+    return first, second, boundary
+
+
+def _subgraph(model: ModelProto, nodes, inputs, outputs: Sequence[str], index: GraphIndex):
+    """A model of the nodes that `outputs` need, with the initializers they read."""
+    needed = set(outputs)
+    live = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+    graph = helper.make_graph(
+        list(reversed(live)),
+        model.graph.name,
+        inputs,
+        [
+            helper.make_tensor_value_info(n, index.dtype(n) or TensorProto.FLOAT, None)
+            for n in outputs
+        ],
+        [t for t in model.graph.initializer if t.name in needed],
+    )
+    sub = helper.make_model(graph, opset_imports=model.opset_import)
+    sub.ir_version = model.ir_version
+    return sub
