@@ -156,13 +156,16 @@ def name_nodes_inplace(model: ModelProto) -> ModelProto:
 
 
 def fold_constants_inplace(model: ModelProto) -> ModelProto:
-    """Turn Constant nodes, and ConstantOfShape of a known shape, into initializers.
+    """Turn Constant nodes, ConstantOfShape of a known shape and Identity of an initializer
+    into initializers.
 
-    PaddlePaddle and some converters keep weights in Constant nodes; after this every weight
-    is an initializer, which is all the later passes read.
+    PaddlePaddle and some converters keep weights in Constant nodes, and the PyTorch exporter
+    shares equal initializers (zero biases, untrained BatchNorm statistics) through Identity
+    nodes; after this every weight is an initializer of its own, which is all the later
+    passes read, and slicing one layer's copy leaves the others alone.
     """
     graph = model.graph
-    known = {t.name for t in graph.initializer}
+    known = {t.name: t for t in graph.initializer}
     graph_outputs = {o.name for o in graph.output}
     keep: list[NodeProto] = []
     added: list[TensorProto] = []
@@ -172,13 +175,16 @@ def fold_constants_inplace(model: ModelProto) -> ModelProto:
             if node.op_type == "Constant" and not node.input:
                 tensor = _constant_value(node)
             elif node.op_type == "ConstantOfShape" and node.input[0] in known:
-                tensor = _constant_of_shape(node, graph)
+                tensor = _constant_of_shape(node, known[node.input[0]])
+            elif node.op_type == "Identity" and node.input[0] in known:
+                tensor = TensorProto()
+                tensor.CopyFrom(known[node.input[0]])
         if tensor is None:
             keep.append(node)
             continue
         tensor.name = node.output[0]
         added.append(tensor)
-        known.add(tensor.name)
+        known[tensor.name] = tensor
     if not added:
         return model
     del graph.node[:]
@@ -210,8 +216,7 @@ def _constant_value(node: NodeProto) -> TensorProto | None:
     return None  # sparse_value or string constants stay as nodes
 
 
-def _constant_of_shape(node: NodeProto, graph: onnx.GraphProto) -> TensorProto:
-    shape_init = next(t for t in graph.initializer if t.name == node.input[0])
+def _constant_of_shape(node: NodeProto, shape_init: TensorProto) -> TensorProto:
     shape = numpy_helper.to_array(shape_init).astype(np.int64)
     value = np.zeros(1, np.float32)
     for a in node.attribute:

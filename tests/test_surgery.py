@@ -127,7 +127,38 @@ def mixing() -> onnx.ModelProto:
     return b.build([b.gemm(b.view_flat(b.maxpool(x)), 3)])
 
 
+def shared(bn: bool) -> onnx.ModelProto:
+    """The PyTorch exporter stores equal initializers once and reaches the copies through
+    Identity nodes (zero biases, untrained BatchNorm statistics). Here every Conv bias and
+    BatchNormalization parameter of one size and role is one tensor, shared that way."""
+    model = resnet(bn=bn)
+    inits = {t.name: t for t in model.graph.initializer}
+    first: dict[tuple, str] = {}
+    nodes = []
+    for node in model.graph.node:
+        roles = {"Conv": [2], "BatchNormalization": [1, 2, 3, 4]}.get(node.op_type, [])
+        for i in (i for i in roles if i < len(node.input) and node.input[i] in inits):
+            key = (node.op_type, i, tuple(inits[node.input[i]].dims))
+            if key not in first:
+                first[key] = node.input[i]
+                continue
+            alias = f"{node.input[i]}_shared"
+            nodes.append(onnx.helper.make_node("Identity", [first[key]], [alias], name=alias))
+            node.input[i] = alias
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    return model
+
+
 FAMILIES: dict[str, Callable[[], onnx.ModelProto]] = {
+    "shared_bias": functools.partial(shared, bn=False),
+    "shared_bn": functools.partial(shared, bn=True),
     "mixing": mixing,
     "resnet": resnet,
     "resnet_folded_constnodes": functools.partial(resnet, bn=False, weights="constant"),
@@ -249,6 +280,16 @@ def test_keep_everything_is_exact(name: str):
 def test_families_have_cuttable_groups(name: str):
     _, channels = family(name)
     assert sum(g.reason is None for g in channels.groups) >= 2, channels.groups
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_initializers_shared_through_identity_freeze_nothing(bn: bool):
+    """Each layer gets its own copy of a shared initializer, so sharing freezes no group."""
+    frozen = [
+        [g.reason for g in trace(load(m)).groups if g.reason] for m in (resnet(bn=bn), shared(bn))
+    ]
+    assert frozen[1] == frozen[0]
+    assert not any(n.op_type == "Identity" for n in load(shared(bn)).graph.node)
 
 
 # -- the sample models --------------------------------------------------------------------
