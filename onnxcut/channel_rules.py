@@ -225,6 +225,7 @@ def conv(t: Tracer, node: NodeProto) -> None:
             t.freeze(out, _reason(node, f"is grouped (group={group}) over untraced channels"))
         else:
             t.edit(node, _grouped_check(node, group, cmap.slots, out))
+            t.blocks += [(cmap.slots, group), (out, group)]
     t.set(node.output[0], ChannelMap(1, out))
 
 

@@ -135,6 +135,9 @@ class Tracer:
         self.edits: list[tuple[str, Edit]] = []
         self.consumers: list[tuple[str, np.ndarray]] = []
         self.producer_slots: dict[str, np.ndarray] = {}
+        # (slots, n): a grouped Conv's input or output channels, split into n blocks that
+        # must each keep the same number of channels.
+        self.blocks: list[tuple[np.ndarray, int]] = []
 
     # -- slots ------------------------------------------------------------------------------
     def new_slots(self, kind: str, name: str, n: int) -> np.ndarray:
@@ -249,6 +252,7 @@ class ChannelTrace:
     producer_slots: dict[str, np.ndarray]
     slices: list[ConstSlice]
     edits: list[tuple[str, Edit]]
+    blocks: list[tuple[np.ndarray, int]] = field(default_factory=list)
 
     def group_of(self, producer: str) -> ChannelGroup:
         slots = self.producer_slots[producer]
@@ -327,7 +331,15 @@ def _collect(t: Tracer) -> ChannelTrace:
                 if g_id >= 0:
                     groups[g_id].outputs.append(out)
     return ChannelTrace(
-        t.index, groups, t.maps, slot_class, class_group, t.producer_slots, t.slices, t.edits
+        t.index,
+        groups,
+        t.maps,
+        slot_class,
+        class_group,
+        t.producer_slots,
+        t.slices,
+        t.edits,
+        t.blocks,
     )
 
 

@@ -134,6 +134,46 @@ def _pad(kept: np.ndarray, order: np.ndarray, count: int) -> np.ndarray:
     return kept
 
 
+def _equal_blocks(groups, final: dict[int, np.ndarray], owner: dict[int, str], orders) -> None:
+    """Grouped convolutions need the same kept count in each of their blocks: top up the
+    short blocks with their best-ranked channels, until every constraint holds.
+
+    `final` maps a group to its kept mask over its owner layer's output positions; a
+    constraint whose channels span several groups keeps those groups whole.
+    """
+    position = {}  # class -> (group, position in the owner's output)
+    for gid, layer in owner.items():
+        for p, slot in enumerate(groups.producer_slots[layer].tolist()):
+            position.setdefault(int(groups.slot_class[slot]), (gid, p))
+    changed = True
+    while changed:
+        changed = False
+        for slots, n in groups.blocks:
+            classes = groups.slot_class[slots]
+            cut = [position[c] for c in classes.tolist() if c in position]
+            gids = {g for g, _ in cut}
+            if not gids or not any(not final[g].all() for g in gids):
+                continue
+            if len(gids) > 1 or len(cut) != len(classes):
+                for g in gids:
+                    changed |= not final[g].all()
+                    final[g][:] = True
+                continue
+            (gid,) = gids
+            blocks = np.array([p for _, p in cut]).reshape(n, -1)
+            counts = final[gid][blocks].sum(axis=1)
+            if len(set(counts.tolist())) == 1:
+                continue
+            rank = np.empty(len(final[gid]), np.int64)
+            rank[orders[gid]] = np.arange(len(orders[gid]))
+            for block, count in zip(blocks, counts, strict=True):
+                missing = [
+                    p for p in sorted(block.tolist(), key=rank.__getitem__) if not final[gid][p]
+                ]
+                final[gid][missing[: int(counts.max() - count)]] = True
+            changed = True
+
+
 def _chosen_layers(scores: Scores, spec: str | None) -> list[str]:
     layers = scores.layers("forward")
     if not spec:
@@ -207,7 +247,8 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
             kept = kept | keep_by_group[group.id]
         keep_by_group[group.id], owner[group.id] = kept, owner.get(group.id, layer)
     l1 = filter_l1(groups) if sel.rank == "l1" else {}
-    plan_keep = {}
+    final: dict[int, np.ndarray] = {}
+    orders: dict[int, np.ndarray] = {}
     for gid, kept in keep_by_group.items():
         layer = owner[gid]
         if kept.sum() < (sel.min_keep or 1) and sel.min_keep is None:
@@ -223,11 +264,15 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
         if sel.rank == "l1":
             # The scores set how many channels the group keeps; the filters' L1 norms which.
             norms = sum(l1[p] for p in groups.groups[gid].producers if p in l1)
+            orders[gid] = np.argsort(-norms, kind="stable")
             kept = np.zeros_like(kept)
-            kept[np.argsort(-norms, kind="stable")[:target]] = True
+            kept[orders[gid][:target]] = True
         else:
-            kept = _pad(kept, _ranking(scores, layer, sel), target)
-        plan_keep[layer] = [int(c) for c in np.flatnonzero(kept)]
+            orders[gid] = _ranking(scores, layer, sel)
+            kept = _pad(kept, orders[gid], target)
+        final[gid] = kept
+    _equal_blocks(groups, final, owner, orders)
+    plan_keep = {owner[gid]: [int(c) for c in np.flatnonzero(kept)] for gid, kept in final.items()}
     plan = {
         "format": PLAN_FORMAT,
         "model_sha256": scores.meta.get("model_sha256"),

@@ -290,3 +290,37 @@ def test_memory_is_flat_in_the_number_of_images(tmp_path: Path):
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks[40] < 1.25 * peaks[8], peaks
+
+
+def test_grouped_conv_blocks_keep_equal_counts():
+    """A grouped Conv needs the same kept count per block: the plan tops up short blocks with
+    their best-ranked channels, and the extracted model equals the masked one."""
+    from onnxcut.scores import Scores
+    from onnxcut.surgery import extract, mask
+
+    from netbuilder import NetBuilder
+
+    b = NetBuilder((1, 3, 8, 8), seed=3)
+    c1 = b.conv(b.input, 8)
+    c2 = b.conv(b.relu(c1), 8, group=2)
+    model = load(b.build([b.gemm(b.flatten(b.gap(b.relu(c2))), 3)]))
+    layers = {n.name: 8 for n in model.graph.node if n.op_type == "Conv"}
+    first = next(iter(layers))
+    scores = Scores.empty(["a", "b", "c"], layers, ("forward", "backward", "taylor"), {})
+    for kind in ("forward", "backward"):
+        for name in layers:
+            scores.arrays[f"{kind}/{name}"][:] = 1.0  # flat: every channel in the mass set
+        # Class 1 lives in channels 0-2 of the first conv: all in block 0 of the grouped conv.
+        scores.arrays[f"{kind}/{first}"][1] = [0.4, 0.3, 0.29, 0.01, 0, 0, 0, 0.0]
+    scores.count[:] = 1
+    plan = make_plan(model, scores, Selection(classes=(1,), alpha=0.9, beta=0.9))
+    kept = plan["keep"][first]
+    assert len(kept) == 6 and sum(c < 4 for c in kept) == 3 == sum(c >= 4 for c in kept)
+    assert {0, 1, 2} <= set(kept)
+    x = {"input": np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    from onnxcut.runtime import run
+
+    out = model.graph.output[0].name
+    np.testing.assert_allclose(
+        run(extract(model, plan), x)[out], run(mask(model, plan), x)[out], rtol=1e-5, atol=1e-6
+    )
