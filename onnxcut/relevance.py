@@ -54,7 +54,8 @@ class Route:
             if node.op_type == "Gemm" and a.get("transA", 0):
                 continue
             weight = w if node.op_type == "Conv" or a.get("transB", 0) else w.T
-            in_class = cls[cmap.slots] if cmap is not None else np.full(weight.shape[1], -1)
+            width = weight.shape[1] * int(a.get("group", 1))  # grouped Conv: all groups' inputs
+            in_class = cls[cmap.slots] if cmap is not None else np.full(width, -1)
             self.layers.append(
                 _Layer(
                     node.name,

@@ -813,3 +813,38 @@ def test_split_session_refuses_unknown_forward_output():
     model, convs, out = segmenter()
     with pytest.raises(ModelError, match="forward output 'nope' is not a tensor"):
         GradientSession(model, convs, out, forward_outputs=["nope"])
+
+
+def chunked():
+    """x.chunk(2, 1) and interpolate(size=x.shape[2:]) as the PyTorch exporter writes them
+    (bounds and sizes from Shape arithmetic), in a model with a 1-D tensor long enough that
+    ONNX data propagation is off (shapes.infer_shapes)."""
+    b = NetBuilder((1, 3, 8, 8), seed=4)
+
+    def conv(x, cin, cout, k, **kw):  # channel counts given: the builder cannot infer them
+        w, bias = b.const(rand(cout, cin, k, k, seed=cout)), b.const(rand(cout, seed=k))
+        return b._node("Conv", [x, w, bias], kernel_shape=[k, k], **kw)
+
+    c1 = conv(b.input, 3, 6, 3, pads=[1, 1, 1, 1])
+    shape = b._node("Shape", [c1])
+    half = b._node("Div", [b._node("Gather", [shape, b._int64([1])], axis=0), b._int64([2])])
+    axis = b._int64([1])
+    x1 = b._node("Slice", [c1, b._int64([0]), half, axis])
+    x2 = b._node("Slice", [c1, half, b._int64([1 << 30]), axis])
+    c2 = conv(b.relu(x2), 3, 3, 3, pads=[1, 1, 1, 1], strides=[2, 2])
+    spatial = b._node("Slice", [shape, b._int64([2]), b._int64([4])])
+    sizes = b._node("Concat", [b._int64([1, 3]), spatial], axis=0)
+    up = b._node("Resize", [c2, "", "", sizes], mode="nearest")
+    wide = conv(b.concat([x1, up]), 6, 1100, 1)
+    logits = b._node("Gemm", [b.flatten(b.gap(b.relu(wide))), b.const(rand(4, 1100))], transB=1)
+    return b._model([logits], check=False), [c1, c2], logits
+
+
+def test_shape_arithmetic_is_folded_for_the_rules():
+    from onnxcut.grad import gradients
+
+    model, convs, logits = chunked()
+    feeds = _feeds((1, 3, 8, 8))
+    got = gradients(model, feeds, convs, logits, category=2)
+    for name in convs:
+        _assert_sums(got[name].sum(axis=(2, 3)), _fd_channel_sums(model, feeds, name, logits, 2))

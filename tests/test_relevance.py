@@ -141,3 +141,27 @@ def test_finite_diff_is_refused_for_attribution(tmp_path):
             _two_classes(tmp_path, 1),
             AttributeOptions(tau=0.5, grad="finite-diff"),
         )
+
+
+def test_grouped_conv_after_untraced_channels_runs():
+    """A depthwise Conv whose input channels are untraced (after a channel shuffle) still
+    routes relevance to its own outputs; it used to fail on a length mismatch."""
+    b = NetBuilder((1, 3, 8, 8), seed=2)
+    x = b.channel_shuffle(b.relu(b.conv(b.input, 4)), 2)
+    dw = b.relu(b.conv(x, 4, group=4))
+    logits = b.gemm(b.flatten(b.gap(dw)), 3)
+    model = load(b.build([logits]))
+    route = Route(model, logits)
+    wanted = [*route.inputs, *route.outputs.values()]
+    values = run(
+        expose_tensors(model, wanted), {"input": np.ones((1, 3, 8, 8), np.float32)}, wanted
+    )
+    mags = {
+        n: np.abs(values[t][0]).reshape(values[t].shape[1], -1).sum(1)
+        for n, t in route.outputs.items()
+        if t != logits
+    }
+    rel = route.run(values, mags, category=1)
+    depthwise = next(la.name for la in route.layers if la.attrs.get("group") == 4)
+    assert rel[depthwise].shape == (4,)
+    np.testing.assert_allclose(rel[depthwise].sum(), 1.0, rtol=1e-6)

@@ -11,6 +11,7 @@ from onnx import ModelProto, NodeProto, helper, version_converter
 from onnxcut.errors import ModelError, UnsupportedOpError
 from onnxcut.grad.batching import check_batchable
 from onnxcut.grad.emitter import Emitter, Site
+from onnxcut.grad.folding import fold_shape_values
 from onnxcut.grad.registry import VJP_RULES, supported_ops
 from onnxcut.graph import FLOAT_TYPES, GraphIndex, opset_version
 from onnxcut.shapes import infer_shapes
@@ -23,7 +24,8 @@ SCATTER_ADD_OPSET = 16
 
 
 def prepare(model: ModelProto) -> ModelProto:
-    """Raise the model's opset to one the backward ops exist in, converting if needed.
+    """Raise the model's opset to one the backward ops exist in, converting if needed, and
+    fold shape arithmetic over static shapes into constants (the rules need those sizes).
 
     onnx.version_converter rewrites old ops on the way (Upsample becomes Resize).
     """
@@ -31,7 +33,7 @@ def prepare(model: ModelProto) -> ModelProto:
     needs_scatter = any(n.op_type == "MaxPool" for n in model.graph.node)
     target = max(current, SCATTER_ADD_OPSET if needs_scatter else MIN_OPSET)
     if target == current:
-        return model
+        return fold_shape_values(model)
     try:
         converted = version_converter.convert_version(model, target)
     except Exception as e:  # the converter raises bare RuntimeErrors and ValueErrors
@@ -41,7 +43,7 @@ def prepare(model: ModelProto) -> ModelProto:
             f"model at opset {target} or newer"
         ) from None
     log.info("converted the model from opset %d to %d for the backward graph", current, target)
-    return infer_shapes(converted)
+    return fold_shape_values(infer_shapes(converted))
 
 
 def backward(
