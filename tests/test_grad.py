@@ -245,6 +245,24 @@ CASES: dict[str, list[Case]] = {
             consts={"s": rand(2) + 1, "b": rand(2), "m": rand(2), "v": np.abs(rand(2)) + 0.5},
         )
     ],
+    "LayerNormalization": [
+        c(
+            "LayerNormalization",
+            rand(2, 3, 4, scale=1.0),
+            "s",
+            "b",
+            consts={"s": rand(4) + 1, "b": rand(4)},
+        ),
+        c(
+            "LayerNormalization",
+            rand(2, 3, 2, 2, scale=1.0),
+            "s",
+            "b",
+            consts={"s": rand(3, 2, 2) + 1, "b": rand(3, 2, 2)},
+            attrs={"axis": 1, "epsilon": 1e-3},
+            name="axis1",
+        ),
+    ],
     "Gemm": [
         c(
             "Gemm",

@@ -1,4 +1,5 @@
-"""VJP rules for parameter layers: Conv, ConvTranspose, BatchNormalization, Gemm, MatMul.
+"""VJP rules for parameter layers: Conv, ConvTranspose, BatchNormalization,
+LayerNormalization, Gemm, MatMul.
 
 Only input gradients are built; a rule asked for a weight gradient returns None and the
 driver names the node.
@@ -159,6 +160,32 @@ def batch_norm(g: Emitter, s: Site):
         flat = g.op("Div", [scale, root])
         factor_name = g.op("Reshape", [flat, g.ints([-1, *[1] * (rank - 2)])])
     return (g.mul(s.g, factor_name), None, None, None, None)
+
+
+@vjp("LayerNormalization")
+def layer_norm(g: Emitter, s: Site):
+    """dx = (g' - mean(g') - x^ mean(g' x^)) / sigma, g' = dy * scale, means over the
+    normalised axes; x^ and 1/sigma are recomputed from the forward input."""
+    if int(s.attrs.get("stash_type", 1)) != 1:
+        raise UnsupportedOpError(s.node, "stash_type other than float has no VJP rule")
+    rank = g.rank(s.x, s.node)
+    axes = list(range(int(s.attrs.get("axis", -1)) % rank, rank))
+    xs = g.static_shape(s.x, s.node, axes)
+    inv_count = g.scalar(1.0 / float(np.prod([xs[a] for a in axes])), s.x)
+
+    def mean(t: str) -> str:
+        return g.mul(g.reduce_sum(t, axes), inv_count)
+
+    centred = g.op("Sub", [s.x, mean(s.x)])
+    variance = g.op(
+        "Add", [mean(g.mul(centred, centred)), g.scalar(float(s.attrs.get("epsilon", 1e-5)), s.x)]
+    )
+    inv_sigma = g.op("Reciprocal", [g.op("Sqrt", [variance])])
+    normed = g.mul(centred, inv_sigma)
+    scaled = g.times(s.g, s.node.input[1], s.node.input[1], s.y)
+    dot = mean(g.times(scaled, normed, s.x, s.y))
+    inner = g.op("Sub", [g.op("Sub", [scaled, mean(scaled)]), g.mul(dot, g.tile_like(normed, s.x))])
+    return (g.times(inner, inv_sigma, s.x, s.y), None, None)
 
 
 def _swap_last(g: Emitter, name: str, rank: int) -> str:
