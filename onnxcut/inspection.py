@@ -104,6 +104,11 @@ def summarize(model: ModelProto) -> dict[str, Any]:
     """Return the inspect report: opset, IO, params, FLOPs (MACs) and the layer table."""
     index = GraphIndex(model)
     table = layers(model, index)
+    if any(row["flops"] is None for row in table):
+        # Shapes behind Shape arithmetic (x.chunk, view(x.size(0), -1)): fold a copy.
+        from onnxcut.folding import fold_shape_values
+
+        table = layers(fold_shape_values(model))
     known = [row["flops"] for row in table if row["flops"] is not None]
     return {
         "opset": opset_version(model),

@@ -103,3 +103,13 @@ def test_sample_models(name: str):
         r["in_channels"] and r["out_channels"] for r in report["layers"]
     )
     json.dumps(report)  # serialisable as the CLI prints it
+
+
+def test_flops_behind_shape_arithmetic():
+    """Conv input sizes that come from Shape arithmetic (x.chunk) still give FLOPs."""
+    from test_grad import chunked
+
+    model, _, _ = chunked()
+    report = summarize(onnxcut.load(model))
+    # 6x8x8 outputs of 3x3x3, 3x4x4 of 3x3x3, 1100x8x8 of 6x1x1, and 4 of 1100.
+    assert report["flops"] == 384 * 27 + 48 * 27 + 70400 * 6 + 4 * 1100

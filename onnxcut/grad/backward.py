@@ -9,9 +9,9 @@ import onnx
 from onnx import ModelProto, NodeProto, helper, version_converter
 
 from onnxcut.errors import ModelError, UnsupportedOpError
+from onnxcut.folding import fold_shape_values
 from onnxcut.grad.batching import check_batchable
 from onnxcut.grad.emitter import Emitter, Site
-from onnxcut.grad.folding import fold_shape_values
 from onnxcut.grad.registry import VJP_RULES, supported_ops
 from onnxcut.graph import FLOAT_TYPES, GraphIndex, opset_version
 from onnxcut.shapes import infer_shapes

@@ -1,4 +1,5 @@
-"""Shape arithmetic folded into constants, for the internal backward graph only.
+"""Shape arithmetic folded into constants, for internal models only (the backward graph,
+the shapes behind inspect's FLOPs).
 
 Exporters compute slice bounds, reshape targets and resize sizes from Shape nodes
 (`x.chunk(2, 1)`, `x.view(x.size(0), -1)`, `interpolate(size=x.shape[2:])`). ONNX's own data
@@ -6,7 +7,8 @@ propagation is turned off for models with long 1-D tensors (see shapes.infer_sha
 rules need those sizes. With every input shape fixed, these values are constants: evaluate
 them, one small node at a time, with ONNX's reference evaluator.
 
-Surgery must never see a folded model: the values count channels that a plan cuts.
+Surgery must never see a folded model: the values count channels that a plan cuts, and
+the channel tracer follows them symbolically instead.
 """
 
 from __future__ import annotations
