@@ -8,7 +8,6 @@ bit-identical.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -61,11 +60,10 @@ def _prepare(
 ) -> tuple[ModelProto, ChannelTrace, np.ndarray, Plan]:
     plan = as_plan(plan)
     digest = None
-    if plan.model_sha256:
-        if isinstance(model, ModelProto):
-            digest = hashlib.sha256(model.SerializeToString()).hexdigest()
-        else:
-            digest = sha256(model) if Path(model).is_file() else None
+    # model_sha256 names a file's bytes: a ModelProto (often already normalised by
+    # onnxcut.load) has none to compare, and resolve() still checks layers and channels.
+    if plan.model_sha256 and not isinstance(model, ModelProto) and Path(model).is_file():
+        digest = sha256(model)
     proto = load(model, input_shapes)
     require_layers(proto, "<in-memory model>" if isinstance(model, ModelProto) else str(model))
     channels = trace(proto)

@@ -384,6 +384,8 @@ def test_sha256_mismatch(tmp_path: Path):
     other = "0" * 64
     assert "not this model's" in plan_error(path, {"model_sha256": other, "keep": {}})
     assert extract(path, {"model_sha256": sha256(path), "keep": {"conv_11": [0]}})
+    # A plan made from a file applies to that file loaded in memory (make_plan, then extract).
+    assert extract(load(path), {"model_sha256": sha256(path), "keep": {"conv_11": [0]}})
 
 
 def test_cutting_a_graph_output_needs_the_outputs_section():
