@@ -3,7 +3,8 @@
     python samples/zoo_check.py [--size 96] [--models resnet18,seg:fcn_resnet50,...]
 
 Each architecture is built with random weights (no download), exported with the
-TorchScript exporter (opset 17, batch 1), then: inspect (parameters, MACs, prunable share),
+TorchScript exporter (opset 17, batch 1; `--dynamo`: the torch.export-based exporter at
+opset 18, which needs onnxscript), then: inspect (parameters, MACs, prunable share),
 attribute over four random images, plan for one or two categories the images reached,
 extract, and compare the extracted model with the masked one on the kept outputs. A row
 per model: the prunable share, the kept share of parameters and MACs, the largest relative
@@ -75,13 +76,13 @@ def _build(name: str) -> torch.nn.Module:
     return getattr(zoo, name)(weights=None, num_classes=10)
 
 
-def _check(name: str, folder: Path, images: Path, size: int) -> str:
+def _check(name: str, folder: Path, images: Path, size: int, dynamo: bool) -> str:
     path = folder / f"{name.replace(':', '_')}.onnx"
     torch.manual_seed(0)
     net = _build(name).eval()
     torch.onnx.export(
         net, (torch.randn(1, 3, size, size),), str(path), input_names=["input"],
-        output_names=["out"], opset_version=17, dynamo=False,
+        output_names=["out"], opset_version=18 if dynamo else 17, dynamo=dynamo,
     )  # fmt: skip
     model = load(path)
     before = summarize(model)
@@ -114,6 +115,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=MODELS)
     parser.add_argument("--size", type=int, default=96)
+    parser.add_argument(
+        "--dynamo", action="store_true", help="torch.export-based exporter (needs onnxscript)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     failures = 0
@@ -127,7 +131,7 @@ def main() -> int:
         for name in args.models.split(","):
             start = time.perf_counter()
             try:
-                row = _check(name, folder, images, args.size)
+                row = _check(name, folder, images, args.size, args.dynamo)
                 failures += "MISMATCH" in row
             except OnnxcutError as e:  # a user-facing refusal, reported as the user sees it
                 row = f"onnxcut: {e}"

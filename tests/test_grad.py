@@ -360,6 +360,25 @@ CASES: dict[str, list[Case]] = {
     "Transpose": [c("Transpose", grid(1, 2, 3, 4), attrs={"perm": [0, 2, 3, 1]})],
     "Squeeze": [c("Squeeze", grid(1, 2, 1, 4), "a", consts={"a": np.array([2])})],
     "Unsqueeze": [c("Unsqueeze", grid(1, 2, 4), "a", consts={"a": np.array([1])})],
+    "Gather": [
+        # Repeated and negative indices: their gradients must add up.
+        c("Gather", grid(2, 4, 3), "i", consts={"i": np.array([3, -1, 0, 3])}, attrs={"axis": 1}),
+        c(
+            "Gather",
+            grid(2, 4, 3),
+            "i",
+            consts={"i": np.array(2)},
+            attrs={"axis": 2},
+            name="scalar",
+        ),
+        c(
+            "Gather",
+            grid(6, 2),
+            "i",
+            consts={"i": np.array([[0, 5, 5], [1, 2, 0]])},
+            name="indices2d-axis0",
+        ),
+    ],
     "Expand": [c("Expand", grid(1, 2, 1, 3), "s", consts={"s": np.array([2, 1, 4, 3])})],
     "Resize": [
         *[
@@ -748,6 +767,7 @@ def test_symbolic_matches_ort_training():
 # the driver must refuse to stack category copies there.
 NOT_BATCHABLE = {
     "Expand-Expand",
+    "Gather-indices2d-axis0",
     "Gemm-transA",
     "Gemm-both",
     "MatMul-both",

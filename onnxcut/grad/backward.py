@@ -18,7 +18,8 @@ from onnxcut.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 
-# Emitted ops use opset-13 forms (axes as inputs); ScatterElements "add" needs opset 16.
+# Emitted ops use opset-13 forms (axes as inputs); ScatterElements "add" (MaxPool's and
+# Gather's gradients) needs opset 16.
 MIN_OPSET = 13
 SCATTER_ADD_OPSET = 16
 
@@ -30,7 +31,7 @@ def prepare(model: ModelProto) -> ModelProto:
     onnx.version_converter rewrites old ops on the way (Upsample becomes Resize).
     """
     current = opset_version(model)
-    needs_scatter = any(n.op_type == "MaxPool" for n in model.graph.node)
+    needs_scatter = any(n.op_type in ("MaxPool", "Gather") for n in model.graph.node)
     target = max(current, SCATTER_ADD_OPSET if needs_scatter else MIN_OPSET)
     if target == current:
         return fold_shape_values(model)

@@ -92,6 +92,7 @@ ACTS_ON_BATCH: dict[str, Callable[[NodeProto, dict, GraphIndex], bool]] = {
     "Softmax": _axis_is_batch(-1),
     "LogSoftmax": _axis_is_batch(-1),
     "Flatten": _axis_is_batch(1),
+    "Gather": _axis_is_batch(0),
     "LayerNormalization": _axis_is_batch(-1),
     "ReduceSum": _reduces_batch,
     "ReduceMean": _reduces_batch,

@@ -92,6 +92,28 @@ def pad(g: Emitter, s: Site):
     return (dx, None, None, None)
 
 
+@vjp("Gather")
+def gather(g: Emitter, s: Site):
+    """Scatter-add dy back to the gathered positions (repeated indices add up)."""
+    data, indices = s.node.input[:2]
+    xs = g.static_shape(data, s.node)
+    rank = len(xs)
+    axis = int(s.attrs.get("axis", 0)) % rank
+    value = g.value(indices)
+    if value is None:
+        raise UnsupportedOpError(s.node, f"computed indices ('{indices}') have no VJP rule")
+    if xs[axis] < 0:
+        raise UnsupportedOpError(s.node, "gathering along a dynamic axis has no VJP rule")
+    flat = np.where(value < 0, value + xs[axis], value).astype(np.int64).reshape(-1)
+    # dy is xs[:axis] + indices.shape + xs[axis+1:]: merge the index axes into one.
+    lead = [-1, *xs[1:axis]] if axis > 0 else []
+    dy = g.op("Reshape", [s.g, g.ints([*lead, flat.size, *xs[axis + 1 :]])])
+    spots = g.ints(flat.reshape([1] * axis + [flat.size] + [1] * (rank - axis - 1)))
+    spots = g.op("Expand", [spots, g.op("Shape", [dy])])
+    dx = g.op("ScatterElements", [g.zeros_like(data), spots, dy], axis=axis, reduction="add")
+    return (dx, None)
+
+
 @vjp("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def reshape(g: Emitter, s: Site):
     return (g.op("Reshape", [s.g, g.reshape_target(s.x)]), None)
