@@ -295,8 +295,9 @@ def _accumulate(
         return
     acts, grads = runner.gradients(x, present, masks[present])
     for name in runner.layers:
-        f = acts[name][0]  # (C, h, w) or (C,)
-        g = grads[name]  # (P, C, h, w) or (P, C)
+        axis = runner.axes[name]  # channels first: (C, h, w) or (C,), (P, C, h, w) or (P, C)
+        f = np.moveaxis(acts[name][0], axis - 1, 0)
+        g = np.moveaxis(grads[name], axis, 1)
         if f.ndim == 1:
             f, g = f[:, None, None], g[:, :, None, None]
         # Masked sums over pixels as float64 matrix products (BLAS, not einsum's loops).

@@ -12,8 +12,8 @@ from onnx import ModelProto, helper
 
 from onnxcut.errors import DataError, RuntimeMissingError
 from onnxcut.grad import GradientSession
-from onnxcut.graph import expose_tensors
-from onnxcut.probe import Head
+from onnxcut.graph import GraphIndex, expose_tensors
+from onnxcut.probe import Head, feature_axis
 from onnxcut.runtime import session
 from onnxcut.shapes import graph_inputs, infer_shapes
 
@@ -58,6 +58,8 @@ class GradientRunner:
         self.head = head
         self.layers = list(layers)
         self.features = dict(layers)
+        index = GraphIndex(model)
+        self.axes = {name: feature_axis(index, name) for name in layers}  # channel axis
         score = [head.score] if head.score != head.output else []
         self.extra = [t for t in dict.fromkeys(extra or []) if t not in (head.output, head.score)]
         self.forward_names = [head.output, *score]

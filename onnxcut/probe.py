@@ -18,6 +18,10 @@ from onnxcut.errors import DataError, ModelError
 from onnxcut.graph import FLOAT_TYPES, GraphIndex
 
 PROBE_OPS = ("Conv", "ConvTranspose")
+# Channel-last MatMuls with a constant weight are 1x1 convolutions written as Linear layers
+# (ConvNeXt's MLPs): probed too, along their last axis. 2-D Gemm/MatMul heads are probed
+# only when --layers names them.
+_FEATURE_AXIS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1}
 # Ops that map each channel to itself one-to-one: a feature map extends through them.
 CHANNELWISE_CHAIN = frozenset(
     {
@@ -131,7 +135,11 @@ def probe_layers(
 ) -> dict[str, str]:
     """Return {producer node name: feature tensor} for the probed layers, in graph order."""
     index = GraphIndex(model)
-    convs = [n.name for n in model.graph.node if n.op_type in PROBE_OPS]
+    convs = [
+        n.name
+        for n in model.graph.node
+        if n.op_type in PROBE_OPS or (n.op_type == "MatMul" and _linear_on_maps(index, n))
+    ]
     if names:
         unknown = [n for n in names if n not in index.nodes]
         if unknown:
@@ -150,7 +158,7 @@ def probe_layers(
         layers = {k: v for k, v in layers.items() if v not in (head.score, head.output)}
     for name, tensor in layers.items():
         shape = index.shape(tensor)
-        if shape is None or not isinstance(shape[1], int):
+        if shape is None or not isinstance(shape[feature_axis(index, name)], int):
             raise ModelError(
                 f"layer '{name}': feature '{tensor}' has no static channel count; "
                 "pass --input-shape"
@@ -158,9 +166,22 @@ def probe_layers(
     return layers
 
 
+def _linear_on_maps(index: GraphIndex, node) -> bool:
+    out = index.shape(node.output[0])
+    return out is not None and len(out) >= 3 and index.const(node.input[1]) is not None
+
+
+def feature_axis(index: GraphIndex, name: str) -> int:
+    """The channel axis of a probed layer's output: 1, or the last for a MatMul."""
+    node = index.nodes[name]
+    if node.op_type == "MatMul":
+        return len(index.shape(node.output[0]) or [0, 0]) - 1
+    return _FEATURE_AXIS.get(node.op_type, 1)
+
+
 def channel_counts(model: ModelProto, layers: dict[str, str]) -> dict[str, int]:
     index = GraphIndex(model)
-    return {name: int(index.shape(t)[1]) for name, t in layers.items()}
+    return {name: int(index.shape(t)[feature_axis(index, name)]) for name, t in layers.items()}
 
 
 def resize_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -324,3 +324,42 @@ def test_grouped_conv_blocks_keep_equal_counts():
     np.testing.assert_allclose(
         run(extract(model, plan), x)[out], run(mask(model, plan), x)[out], rtol=1e-5, atol=1e-6
     )
+
+
+def test_channel_last_matmul_layers_are_probed(tmp_path: Path):
+    """ConvNeXt-style MLPs (Linear layers on NHWC maps) are scored along their last axis
+    and cut like 1x1 convolutions."""
+    import onnx
+
+    from onnxcut.runtime import run
+    from onnxcut.surgery import extract, mask
+
+    from netbuilder import NetBuilder
+
+    b = NetBuilder((1, 3, 32, 32), seed=5)
+    x = b.relu(b.conv(b.input, 8))
+    nhwc = b.transpose(x, [0, 2, 3, 1])  # (1, 32, 32, 8)
+    hidden = b.relu(b.matmul(nhwc, 24))  # 24 channels on the last axis, 32 on axis 1
+    y = b.add(x, b.transpose(b.matmul(hidden, 8), [0, 3, 1, 2]))
+    logits = b.gemm(b.flatten(b.gap(y)), 10)
+    path = tmp_path / "mlp.onnx"
+    onnx_model = b.build([logits])
+    onnx.save(onnx_model, path)
+    scores = attribute(path, DIGITS, AttributeOptions(top_k=2))
+    first_mm = next(n.name for n in onnx_model.graph.node if n.op_type == "MatMul")
+    f = scores.get("forward", first_mm)
+    assert f.shape == (10, 24)
+    seen = scores.count > 0
+    np.testing.assert_allclose(f[seen].sum(1), scores.count[seen], rtol=1e-6)
+    model = load(path)
+    plan = make_plan(model, scores, Selection(classes=(3, 5), alpha=0.5, beta=0.5))
+    assert 0 < len(plan["keep"][first_mm]) < 24
+    feeds = {"input": np.random.default_rng(0).random((1, 3, 32, 32), np.float32)}
+    out = onnx_model.graph.output[0].name
+    kept = plan["outputs"].get(out, {}).get("keep", list(range(10)))
+    np.testing.assert_allclose(
+        run(extract(model, plan), feeds)[out],
+        run(mask(model, plan), feeds)[out][:, kept],
+        rtol=1e-5,
+        atol=1e-5,
+    )
