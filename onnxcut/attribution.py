@@ -321,7 +321,9 @@ def _accumulate(
 def _add_relevance(scores: Scores, route: Route, extras: dict, present: np.ndarray) -> None:
     """Model LEGO: route relevance of the probed layers' channels, per present class."""
     magnitudes = {
-        name: np.abs(extras[t][0]).reshape(extras[t].shape[1], -1).sum(1, dtype=np.float64)
+        name: np.abs(np.moveaxis(extras[t][0], route.axes[name] - 1, 0))
+        .reshape(extras[t].shape[route.axes[name]], -1)
+        .sum(1, dtype=np.float64)
         for name, t in route.outputs.items()
         if t in extras  # the head's output is the score itself, not an extra
     }

@@ -1,6 +1,7 @@
 """Model LEGO routes: relevance of each layer's channels to a class, from the output back.
 
-Between adjacent parameter layers, the contribution of input channel i to output channel o is
+Between adjacent parameter layers (Conv, Gemm, and MatMul with a constant 2-D weight, whose
+channels are on the last axis), the contribution of input channel i to output channel o is
 z[o, i] = sum over output positions of (W[o, i] * x_i), which for a Conv is
 sum_k W[o, i, k] * S_i[k], S_i[k] being the sum of the zero-padded input under kernel tap k
 over all output positions (exact, borders included). Relevance flows with the alpha-beta rule
@@ -19,6 +20,8 @@ import numpy as np
 
 from onnxcut.graph import GraphIndex, attrs
 
+_LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
 
 @dataclass
 class _Layer:
@@ -29,6 +32,7 @@ class _Layer:
     in_class: np.ndarray  # (C_in,) or (features,) channel class of each input position
     out_class: np.ndarray  # (C_out,)
     attrs: dict
+    axis: int = 1  # the channel axis of its input and output (the last for a MatMul)
 
 
 class Route:
@@ -44,16 +48,18 @@ class Route:
         self.layers: list[_Layer] = []
         cls = channels.slot_class
         for node in model.graph.node:
-            if node.op_type not in ("Conv", "Gemm") or node.name not in channels.producer_slots:
+            if node.op_type not in _LAYER_OPS or node.name not in channels.producer_slots:
                 continue
             w = index.const(node.input[1])
             cmap = channels.maps.get(node.input[0])
-            if w is None:
+            if w is None or (node.op_type == "MatMul" and w.ndim != 2):
                 continue
             a = attrs(node)
             if node.op_type == "Gemm" and a.get("transA", 0):
                 continue
+            # (out, in, ...) as a Conv's; MatMul and plain Gemm store (in, out).
             weight = w if node.op_type == "Conv" or a.get("transB", 0) else w.T
+            axis = len(index.shape(node.input[0]) or [0, 0]) - 1 if node.op_type == "MatMul" else 1
             width = weight.shape[1] * int(a.get("group", 1))  # grouped Conv: all groups' inputs
             in_class = cls[cmap.slots] if cmap is not None else np.full(width, -1)
             self.layers.append(
@@ -65,6 +71,7 @@ class Route:
                     in_class,
                     cls[channels.producer_slots[node.name]],
                     a,
+                    axis,
                 )
             )
         head = index.producer.get(head_score)
@@ -74,6 +81,7 @@ class Route:
         )
         self.inputs = sorted({la.x for la in self.layers})
         self.outputs = {la.name: index.nodes[la.name].output[0] for la in self.layers}
+        self.axes = {la.name: la.axis for la in self.layers}
 
     def run(
         self, values: dict[str, np.ndarray], magnitudes: dict[str, np.ndarray], category: int
@@ -131,6 +139,8 @@ class Route:
         w = layer.weight.astype(np.float64)
         if layer.op == "Gemm":
             return w * x.reshape(-1)[None, :].astype(np.float64)
+        if layer.op == "MatMul":  # one weight for every position: sum the inputs first
+            return w * x.reshape(-1, x.shape[-1]).sum(0, dtype=np.float64)[None, :]
         taps = _tap_sums(x.astype(np.float64), layer.attrs, w.shape[2:])  # (C_in, kh, kw)
         group = int(layer.attrs.get("group", 1))
         cout, cin_g = w.shape[:2]

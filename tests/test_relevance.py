@@ -165,3 +165,36 @@ def test_grouped_conv_after_untraced_channels_runs():
     depthwise = next(la.name for la in route.layers if la.attrs.get("group") == 4)
     assert rel[depthwise].shape == (4,)
     np.testing.assert_allclose(rel[depthwise].sum(), 1.0, rtol=1e-6)
+
+
+def test_relevance_flows_through_channel_last_matmuls():
+    """ConvNeXt-style MLPs (MatMul on NHWC maps) are route layers along their last axis: with
+    positive weights every layer passes on all the relevance it receives."""
+    from onnx import numpy_helper
+
+    b = NetBuilder((1, 3, 8, 8), seed=6)
+    c1 = b.relu(b.conv(b.input, 4))
+    hidden = b.relu(b.matmul(b.transpose(c1, [0, 2, 3, 1]), 12))
+    back = b.transpose(b.relu(b.matmul(hidden, 5)), [0, 3, 1, 2])
+    logits = b.gemm(b.flatten(b.gap(back)), 3)
+    built = b.build([logits])
+    for t in built.graph.initializer:  # positive weights: no channel loses its share
+        t.CopyFrom(numpy_helper.from_array(np.abs(numpy_helper.to_array(t)), t.name))
+    model = load(built)
+    route = Route(model, logits)
+    assert [la.op for la in route.layers] == ["Conv", "MatMul", "MatMul", "Gemm"]
+    wanted = [*route.inputs, *route.outputs.values()]
+    x = np.random.default_rng(0).random((1, 3, 8, 8), np.float32)
+    values = run(expose_tensors(model, wanted), {"input": x}, wanted)
+    mags = {
+        n: np.abs(np.moveaxis(values[t][0], route.axes[n] - 1, 0))
+        .reshape(values[t].shape[route.axes[n]], -1)
+        .sum(1)
+        for n, t in route.outputs.items()
+        if t != logits
+    }
+    rel = route.run(values, mags, category=1)
+    sizes = [len(rel[la.name]) for la in route.layers]
+    assert sizes == [4, 12, 5, 3]
+    for la in route.layers:
+        assert rel[la.name].sum() == pytest.approx(1.0, rel=1e-9), la.name
