@@ -47,10 +47,11 @@ def fold_shape_values(model: ModelProto) -> ModelProto:
         for node in model.graph.node:
             if any(o in outputs for o in node.output):
                 continue
-            result = _evaluate(node, index, {**values, **found}, opset_version(model))
+            result = _evaluate(node, index, values, opset_version(model))
             if result is None:
                 continue
             found.update(result)
+            values.update(result)  # later nodes of this round may read them
             done.add(node.name)
         if not done:
             break
