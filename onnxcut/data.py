@@ -112,7 +112,19 @@ def preprocess_from(
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(f"{file}: cannot read preprocess JSON ({e})") from None
     values.update(_coerce(overrides or {}, "flags"))
+    if "layout" not in values and model is not None:
+        values["layout"] = _guess_layout(model, values.get("channels", "rgb"))
     return Preprocess(**values)
+
+
+def _guess_layout(model: ModelProto, channels: str) -> str:
+    """nhwc when only the input's last axis has the image's channel count (Keras, TFLite)."""
+    inputs = graph_inputs(model)
+    shape = dims(inputs[0]) if inputs else None
+    n = 1 if channels == "gray" else 3
+    if shape and len(shape) == 4 and shape[3] == n and shape[1] != n:
+        return "nhwc"
+    return "nchw"
 
 
 def fit_to_model(pre: Preprocess, model: ModelProto) -> Preprocess:

@@ -11,6 +11,7 @@ categories (for segmentation, background included: the head keeps it). Coupled p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -21,6 +22,8 @@ from onnxcut.errors import DataError
 from onnxcut.scores import Scores
 
 PLAN_FORMAT = "onnxcut.plan/1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,14 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
         "outputs": {},
     }
     output, axis = scores.meta.get("output"), scores.meta.get("category_axis", 1)
-    if output:
+    if output and output not in groups.maps:
+        # A Softmax (or another mixing op) after the logits: cutting categories would change
+        # the kept ones' values, so the head keeps every category.
+        log.warning(
+            "output '%s' mixes its categories (a Softmax after the logits?): the head keeps "
+            "all of them; only the layers before it are cut",
+            output,
+        )
+    elif output:
         plan["outputs"][output] = {"axis": axis, "keep": list(sel.classes)}
     return plan

@@ -11,16 +11,18 @@ per model: the prunable share, the kept share of parameters and MACs, the larges
 difference (exact: within 1e-4 of the output's range), or the one-line error onnxcut gave.
 Exit status 1 when an extracted model does not match or anything crashes.
 
-Needs `pip install -e '.[samples]' torchvision pillow`. torchvision's wheels here are built
-for a newer torch than the pinned CPU build, so its C extension does not load; the shim below
-defines the two operators its Python side registers fake kernels for, which is all the model
-zoo needs.
+Needs `pip install -e '.[samples]' torchvision pillow` (and for `--keras`, keras and
+onnxscript: Keras runs on its torch backend here and exports through torch.onnx).
+torchvision's wheels here are built for a newer torch than the pinned CPU build, so its C
+extension does not load; the shim below defines the two operators its Python side registers
+fake kernels for, which is all the model zoo needs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -36,6 +38,7 @@ from onnxcut.graph import load
 from onnxcut.inspection import summarize
 from onnxcut.runtime import run
 from onnxcut.selection import Selection, make_plan
+from onnxcut.shapes import dims, graph_inputs
 from onnxcut.surgery import extract, mask
 
 _SHIM = torch.library.Library("torchvision", "DEF")
@@ -54,6 +57,8 @@ MODELS = (
     "squeezenet1_1,densenet121,googlenet,convnext_tiny,seg:lraspp_mobilenet_v3_large,"
     "seg:deeplabv3_mobilenet_v3_large,seg:fcn_resnet50,seg:deeplabv3_resnet50"
 )
+# With --keras: keras.applications models (NHWC input, Softmax head), Keras' ONNX export.
+KERAS_MODELS = "keras:MobileNetV2,keras:ResNet50,keras:EfficientNetB0"
 
 
 class _Logits(torch.nn.Module):
@@ -76,15 +81,32 @@ def _build(name: str) -> torch.nn.Module:
     return getattr(zoo, name)(weights=None, num_classes=10)
 
 
+def _export_keras(name: str, path: Path, size: int) -> None:
+    """A keras.applications model (NHWC, Softmax head) through Keras' own ONNX export."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    net = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=10)
+    net(np.zeros((1, size, size, 3), np.float32))  # Keras exports only a model that has run
+    net.export(str(path), format="onnx", verbose=False)
+
+
 def _check(name: str, folder: Path, images: Path, size: int, dynamo: bool) -> str:
     path = folder / f"{name.replace(':', '_')}.onnx"
     torch.manual_seed(0)
-    net = _build(name).eval()
-    torch.onnx.export(
-        net, (torch.randn(1, 3, size, size),), str(path), input_names=["input"],
-        output_names=["out"], opset_version=18 if dynamo else 17, dynamo=dynamo,
-    )  # fmt: skip
-    model = load(path)
+    if name.startswith("keras:"):
+        _export_keras(name[6:], path, size)
+    else:
+        torch.onnx.export(
+            _build(name).eval(), (torch.randn(1, 3, size, size),), str(path),
+            input_names=["input"], output_names=["out"], opset_version=18 if dynamo else 17,
+            dynamo=dynamo,
+        )  # fmt: skip
+    image = graph_inputs(load(path))[0]
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in dims(image)]
+    model = load(path, {image.name: shape})  # Keras exports a dynamic batch: count for 1
+    out = model.graph.output[0].name
     before = summarize(model)
     scores = attribute(path, images, AttributeOptions(tau=1e-6))
     reached = [k for k in range(len(scores.categories)) if scores.count[k] > 0]
@@ -97,9 +119,9 @@ def _check(name: str, folder: Path, images: Path, size: int, dynamo: bool) -> st
     )
     cut = extract(model, plan)
     after = summarize(cut)
-    x = {"input": np.random.default_rng(1).standard_normal((1, 3, size, size), np.float32)}
-    got, want = run(cut, x)["out"], run(mask(model, plan), x)["out"]
-    keep = plan["outputs"].get("out", {}).get("keep")
+    x = {image.name: np.random.default_rng(1).standard_normal(shape, np.float32)}
+    got, want = run(cut, x)[out], run(mask(model, plan), x)[out]
+    keep = plan["outputs"].get(out, {}).get("keep")
     if keep is not None:
         want = np.take(want, keep, axis=1)
     err = float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
@@ -118,6 +140,9 @@ def main() -> int:
     parser.add_argument(
         "--dynamo", action="store_true", help="torch.export-based exporter (needs onnxscript)"
     )
+    parser.add_argument(
+        "--keras", action="store_true", help=f"also {KERAS_MODELS} (needs keras, onnxscript)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     failures = 0
@@ -128,7 +153,8 @@ def main() -> int:
         for i in range(4):
             pixels = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
             cv2.imwrite(str(images / f"{i}.png"), pixels)
-        for name in args.models.split(","):
+        names = args.models.split(",") + (KERAS_MODELS.split(",") if args.keras else [])
+        for name in names:
             start = time.perf_counter()
             try:
                 row = _check(name, folder, images, args.size, args.dynamo)

@@ -363,3 +363,32 @@ def test_channel_last_matmul_layers_are_probed(tmp_path: Path):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_softmax_head_keeps_every_category(caplog):
+    """Keras applications end in a Softmax: the plan cuts the layers before it and leaves the
+    head whole (cutting logits under a Softmax would change the kept probabilities)."""
+    import logging
+
+    from onnxcut.scores import Scores
+    from onnxcut.surgery import extract
+
+    from netbuilder import NetBuilder
+
+    b = NetBuilder((1, 3, 8, 8), seed=2)
+    c1 = b.conv(b.input, 8)
+    probs = b.softmax(b.gemm(b.flatten(b.gap(b.relu(c1))), 4))
+    model = load(b.build([probs]))
+    conv = next(n.name for n in model.graph.node if n.op_type == "Conv")
+    scores = Scores.empty(
+        ["a", "b", "c", "d"], {conv: 8}, ("forward", "backward", "taylor"), {"output": probs}
+    )
+    for kind in ("forward", "backward"):
+        scores.arrays[f"{kind}/{conv}"][:] = [[1, 1, 1, 1, 0, 0, 0, 0]] * 4
+    scores.count[:] = 1
+    with caplog.at_level(logging.WARNING):
+        plan = make_plan(model, scores, Selection(classes=(1, 2)))
+    assert plan["outputs"] == {} and plan["keep"][conv] == [0, 1, 2, 3]
+    assert f"output '{probs}' mixes its categories" in caplog.text
+    cut = extract(model, plan)
+    assert [d.dim_value for d in cut.graph.output[0].type.tensor_type.shape.dim] == [1, 4]

@@ -28,6 +28,7 @@ from onnxcut.data import (
 from onnxcut.errors import DataError
 
 from conftest import conv_bn_net
+from netbuilder import NetBuilder
 
 
 def _write_images(folder: Path, n: int, size=(20, 24)) -> list[Path]:
@@ -87,6 +88,21 @@ def test_fit_to_model():
         fit_to_model(Preprocess(size=(32, 32)), model)
     with pytest.raises(DataError, match="has 16 channels in nhwc layout"):
         fit_to_model(Preprocess(layout="nhwc"), model)
+
+
+def test_layout_is_guessed_from_the_input_shape():
+    """Keras and TFLite exports take (N, H, W, C) images; nobody should have to say so."""
+    nhwc = NetBuilder((1, 3, 16, 16), layout="nhwc").build([])  # input 1x16x16x3
+    assert preprocess_from(nhwc).layout == "nhwc"
+    assert fit_to_model(preprocess_from(nhwc), nhwc).size == (16, 16)
+    assert preprocess_from(conv_bn_net()).layout == "nchw"
+    gray = NetBuilder((1, 1, 8, 8), layout="nhwc").build([])
+    gray_flags = {"channels": "gray", "mean": [0.0], "std": [1.0]}
+    assert preprocess_from(gray, overrides=gray_flags).layout == "nhwc"
+    # Said explicitly, the layout is kept, and a mismatch is the usual one-line error.
+    said = preprocess_from(nhwc, overrides={"layout": "nchw"})
+    with pytest.raises(DataError, match="has 16 channels in nchw layout"):
+        fit_to_model(said, nhwc)
 
 
 def test_to_input_formula():
