@@ -9,6 +9,7 @@ on the same weights and thread count:
   torch     eager autograd with forward hooks calling retain_grad, parameters frozen
   forward   onnxruntime forward only (the same exported model)
 and prints onnxcut/torch and onnxcut/forward ratios (targets: >= 1.5 and >= 0.40).
+`--profile` adds onnxcut's kernel time per op type, forward and backward part.
 
 It also prints the compute bound on the first ratio: the backward pass needs one input-gradient
 convolution per Conv that does not read the image, with the forward Conv's MACs. Running all
@@ -20,7 +21,10 @@ ratio any backward graph made of onnxruntime's convolutions can show on this mac
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -138,7 +142,13 @@ def _macs(model: onnx.ModelProto) -> tuple[int, int]:
 
 
 def bench(
-    name: str, net: nn.Module, shape: tuple[int, ...], threads: int, repeat: int, gap: float
+    name: str,
+    net: nn.Module,
+    shape: tuple[int, ...],
+    threads: int,
+    repeat: int,
+    gap: float,
+    profile: bool = False,
 ) -> None:
     torch.manual_seed(0)
     net.eval()
@@ -199,6 +209,40 @@ def bench(
         f"  compute bound on onnxcut / torch eager: {t_torch / ((fwd_macs + bwd_macs) / rate):.2f}x"
     )
     _check_same(grad_session, feeds, net, x)
+    if profile:
+        _profile(grad_session, feeds, threads, repeat)
+
+
+def _profile(grad_session: GradientSession, feeds, threads: int, repeat: int) -> None:
+    """Kernel time per op type, forward and backward part, from onnxruntime's profiler."""
+    import onnxruntime as ort
+
+    from onnxcut.grad.session import CATEGORIES, MASK
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), "onnxcut-grad-profile")
+    sess = ort.InferenceSession(
+        grad_session.model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
+    run_feeds = {**feeds, CATEGORIES: np.array([1], np.int64)}
+    run_feeds[MASK] = np.ones((1,) * (grad_session.rank + 1), np.float32)
+    sess.run(grad_session.outputs, run_feeds)  # warm-up: kernel selection, allocations
+    for _ in range(repeat):
+        sess.run(grad_session.outputs, run_feeds)
+    path = sess.end_profiling()
+    events = [e for e in json.loads(Path(path).read_text()) if e.get("cat") == "Node"]
+    Path(path).unlink()
+    runs = repeat + 1
+    total: collections.Counter = collections.Counter()
+    for e in events:
+        if e["name"].endswith("_kernel_time"):
+            part = "backward" if e["name"].startswith("grad/") else "forward"
+            total[(part, e["args"].get("op_name", "?"))] += e["dur"]
+    print(f"  kernel time per batch by op (onnxruntime profiler, {runs} runs incl. warm-up):")
+    for (part, op), us in total.most_common(12):
+        print(f"    {part:8s} {op:22s} {us / runs / 1000:7.1f} ms")
 
 
 def _check_same(grad_session: GradientSession, feeds, net: nn.Module, x: torch.Tensor) -> None:
@@ -219,15 +263,16 @@ def main() -> None:
     parser.add_argument(
         "--gap", type=float, default=0.3, help="seconds of idle before each timed call"
     )
+    parser.add_argument("--profile", action="store_true", help="also print kernel time per op type")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     if args.only in (None, "resnet18"):
-        bench(
-            "resnet18", ResNet18(), (args.batch, 3, 224, 224), args.threads, args.repeat, args.gap
-        )
+        shape = (args.batch, 3, 224, 224)
+        bench("resnet18", ResNet18(), shape, args.threads, args.repeat, args.gap, args.profile)
     if args.only in (None, "deeplab"):
-        bench("deeplab", _deeplab(), (args.batch, 3, 64, 64), args.threads, args.repeat, args.gap)
+        shape = (args.batch, 3, 64, 64)
+        bench("deeplab", _deeplab(), shape, args.threads, args.repeat, args.gap, args.profile)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ def max_pool(g: Emitter, s: Site):
     if len(s.node.output) > 1 and s.node.output[1]:
         indices = s.node.output[1]
     else:
-        # Extend the forward node. onnxruntime then runs a slower MaxPool kernel (13x on
-        # ResNet-18's stem pool, 2 ms to 26 ms), still cheaper than recomputing the argmaxes.
+        # Extend the forward node. onnxruntime then runs its slower MaxPool kernel with
+        # Indices (`benchmarks/grad_throughput.py --profile` shows its time).
         indices = g.fresh(f"{s.node.name}_indices")
         if len(s.node.output) > 1:
             s.node.output[1] = indices
