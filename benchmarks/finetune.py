@@ -39,10 +39,10 @@ from quality import (
 )
 
 from onnxcut import data
-from onnxcut.deps import trace
-from onnxcut.graph import load, save
-from onnxcut.selection import Selection, filter_l1, make_plan
-from onnxcut.surgery import extract
+from onnxcut.attribution.selection import Selection, filter_l1, make_plan
+from onnxcut.channels.deps import trace
+from onnxcut.channels.surgery import extract
+from onnxcut.graph.io import load, save
 
 
 def _attrs(node: onnx.NodeProto) -> dict:

@@ -36,9 +36,9 @@ import onnx
 import torch
 from torch import nn
 
+from onnxcut.channels.inspection import layers
 from onnxcut.grad import GradientSession
-from onnxcut.graph import load
-from onnxcut.inspection import layers
+from onnxcut.graph.io import load
 from onnxcut.runtime import session
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxcut.attribution import AttributeOptions, attribute
-from onnxcut.deps import ChannelTrace, trace
+from onnxcut.attribution.driver import AttributeOptions, attribute
+from onnxcut.attribution.scores import Scores, load_scores, save_scores
+from onnxcut.attribution.selection import Selection, filter_l1, make_plan
+from onnxcut.channels.deps import ChannelTrace, trace
+from onnxcut.channels.surgery import extract
 from onnxcut.errors import DataError
-from onnxcut.evaluation import EvalOptions, evaluate
-from onnxcut.graph import load, save, sha256
-from onnxcut.scores import Scores, load_scores, save_scores
-from onnxcut.selection import Selection, filter_l1, make_plan
-from onnxcut.surgery import extract
+from onnxcut.evaluation.metrics import EvalOptions, evaluate
+from onnxcut.graph.io import load, save, sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 SEG = ROOT / "samples" / "data" / "digit_scenes"

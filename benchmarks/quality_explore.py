@@ -46,11 +46,11 @@ from quality import (
     zero_vectors,
 )
 
-from onnxcut.attribution import AttributeOptions, attribute
-from onnxcut.deps import trace
-from onnxcut.graph import load
-from onnxcut.scores import Scores, load_scores, save_scores
-from onnxcut.selection import Selection, filter_l1, make_plan, mass_set
+from onnxcut.attribution.driver import AttributeOptions, attribute
+from onnxcut.attribution.scores import Scores, load_scores, save_scores
+from onnxcut.attribution.selection import Selection, filter_l1, make_plan, mass_set
+from onnxcut.channels.deps import trace
+from onnxcut.graph.io import load
 
 
 def sensitivity(setup: Setup, plan: Mapping, classes: Sequence[int], tmp: Path) -> list[dict]:

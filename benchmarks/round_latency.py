@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 import onnxcut
-from onnxcut.evaluation import EvalOptions, evaluate
-from onnxcut.selection import Selection, make_plan, parse_classes
+from onnxcut.attribution.selection import Selection, make_plan, parse_classes
+from onnxcut.evaluation.metrics import EvalOptions, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val"

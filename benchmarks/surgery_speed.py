@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from onnxcut.deps import trace
-from onnxcut.graph import load, save
-from onnxcut.inspection import summarize
+from onnxcut.channels.deps import trace
+from onnxcut.channels.inspection import summarize
+from onnxcut.channels.surgery import extract
+from onnxcut.graph.io import load, save
 from onnxcut.runtime import session
-from onnxcut.surgery import extract
 
 
 class Bottleneck(nn.Module):

@@ -118,9 +118,9 @@ def attribute_cmd(
     input_shapes,
 ) -> None:
     """Score the channels of MODEL's layers per category over the images in --data."""
-    from onnxcut.attribution import AttributeOptions, attribute
-    from onnxcut.scores import save_scores
-    from onnxcut.shapes import parse_input_shapes
+    from onnxcut.attribution.driver import AttributeOptions, attribute
+    from onnxcut.attribution.scores import save_scores
+    from onnxcut.graph.shapes import parse_input_shapes
 
     out_path = Path(out)
     if not out_path.parent.is_dir():

@@ -24,8 +24,8 @@ def eval_cmd(
     model, data_dir, masks, classes, background, output, provider, threads, runs, as_json
 ) -> None:
     """Score MODEL on --data: mIoU or top-1, params, FLOPs and median latency."""
-    from onnxcut.evaluation import EvalOptions, evaluate
-    from onnxcut.selection import parse_classes
+    from onnxcut.attribution.selection import parse_classes
+    from onnxcut.evaluation.metrics import EvalOptions, evaluate
 
     chosen = None
     if classes:

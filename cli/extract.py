@@ -28,8 +28,8 @@ out_option = click.option(
 
 def sizes(model: ModelProto) -> tuple[int, int | None]:
     """Return (params, FLOPs as MACs) of a model; dynamic batch counted as 1."""
-    from onnxcut.inspection import summarize
-    from onnxcut.shapes import default_batch_inplace, infer_shapes
+    from onnxcut.channels.inspection import summarize
+    from onnxcut.graph.shapes import default_batch_inplace, infer_shapes
 
     copy = ModelProto()
     copy.CopyFrom(model)
@@ -78,11 +78,11 @@ def extract_cmd(
     Give either --plan, or --scores with --classes (plan and extract in one step).
     --input-shape fixes those inputs in the written model too.
     """
+    from onnxcut.channels.plan import load_plan, parse_plan
+    from onnxcut.channels.surgery import extract
     from onnxcut.cli.plan import build_plan
-    from onnxcut.graph import load, save
-    from onnxcut.plan import load_plan, parse_plan
-    from onnxcut.shapes import parse_input_shapes
-    from onnxcut.surgery import extract
+    from onnxcut.graph.io import load, save
+    from onnxcut.graph.shapes import parse_input_shapes
 
     if (plan_path is None) == (scores is None):
         raise click.UsageError("give either --plan PLAN.json or --scores SCORES.npz --classes")

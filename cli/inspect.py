@@ -62,9 +62,9 @@ def _print_groups(report: dict) -> None:
 @input_shape_option
 def inspect_cmd(model: str, as_json: bool, input_shapes: tuple[str, ...]) -> None:
     """Show opset, inputs/outputs, parameters, FLOPs and parameter layers of MODEL."""
-    from onnxcut.graph import load
-    from onnxcut.inspection import summarize
-    from onnxcut.shapes import default_batch_inplace, infer_shapes, parse_input_shapes
+    from onnxcut.channels.inspection import summarize
+    from onnxcut.graph.io import load
+    from onnxcut.graph.shapes import default_batch_inplace, infer_shapes, parse_input_shapes
 
     proto = load(model, parse_input_shapes(input_shapes))
     assumed = default_batch_inplace(proto)

@@ -21,10 +21,10 @@ def mask_cmd(model: str, plan_path: str, output: str, input_shapes: tuple[str, .
 
     The masked model is the reference an extracted model matches on its kept outputs.
     """
-    from onnxcut.graph import load, save
-    from onnxcut.plan import load_plan
-    from onnxcut.shapes import parse_input_shapes
-    from onnxcut.surgery import extract, mask
+    from onnxcut.channels.plan import load_plan
+    from onnxcut.channels.surgery import extract, mask
+    from onnxcut.graph.io import load, save
+    from onnxcut.graph.shapes import parse_input_shapes
 
     shapes = parse_input_shapes(input_shapes)
     plan = load_plan(plan_path)

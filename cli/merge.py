@@ -10,7 +10,7 @@ import click
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
 def merge_cmd(scores: tuple[str, ...], out: str) -> None:
     """Merge shard SCORES files of one run into one, exactly."""
-    from onnxcut.scores import merge, save_scores
+    from onnxcut.attribution.scores import merge, save_scores
 
     merged = merge(scores)
     save_scores(merged, out)

@@ -69,10 +69,10 @@ def build_plan(
     """
     from pathlib import Path
 
+    from onnxcut.attribution.scores import load_scores
+    from onnxcut.attribution.selection import Selection, make_plan, parse_classes
     from onnxcut.errors import DataError
-    from onnxcut.graph import load, sha256
-    from onnxcut.scores import load_scores
-    from onnxcut.selection import Selection, make_plan, parse_classes
+    from onnxcut.graph.io import load, sha256
 
     if model is None:
         model = load_scores(scores_path).meta.get("model_path")
@@ -104,7 +104,7 @@ def build_plan(
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
 def plan_cmd(scores: str, model: str | None, out: str, **selection) -> None:
     """Write the plan (kept channels per layer, head outputs) for --classes from SCORES."""
-    from onnxcut.graph import write_text
+    from onnxcut.graph.io import write_text
 
     plan = build_plan(model, scores, **selection)
     write_text(out, json.dumps(plan, indent=1))

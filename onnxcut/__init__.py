@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
-from onnxcut.attribution import AttributeOptions, attribute
-from onnxcut.deps import ChannelGroup, build_groups
+from onnxcut._version import __version__
+from onnxcut.attribution import (
+    AttributeOptions,
+    Scores,
+    Selection,
+    attribute,
+    load_scores,
+    make_plan,
+    merge,
+    save_scores,
+)
+from onnxcut.channels import ChannelGroup, Plan, build_groups, extract, load_plan, mask, summarize
 from onnxcut.errors import (
     DataError,
     ModelError,
@@ -16,13 +26,6 @@ from onnxcut.errors import (
 from onnxcut.evaluation import EvalOptions, evaluate
 from onnxcut.grad import GradientSession, channel_sums, gradients
 from onnxcut.graph import GraphIndex, load, save
-from onnxcut.inspection import summarize
-from onnxcut.plan import Plan, load_plan
-from onnxcut.scores import Scores, load_scores, merge, save_scores
-from onnxcut.selection import Selection, make_plan
-from onnxcut.surgery import extract, mask
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AttributeOptions",

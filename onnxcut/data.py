@@ -19,7 +19,7 @@ import numpy as np
 from onnx import ModelProto
 
 from onnxcut.errors import DataError
-from onnxcut.shapes import dims, graph_inputs
+from onnxcut.graph.shapes import dims, graph_inputs
 
 log = logging.getLogger(__name__)
 

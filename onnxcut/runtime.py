@@ -78,7 +78,7 @@ def _create(ort: ModuleType, source, opts, providers):
 
 
 def _session_from_disk(ort: ModuleType, model: ModelProto, opts, providers):
-    from onnxcut.graph import save
+    from onnxcut.graph.io import save
 
     with tempfile.TemporaryDirectory(prefix="onnxcut-") as tmp:
         path = save(model, Path(tmp) / "model.onnx")

@@ -32,14 +32,14 @@ import cv2
 import numpy as np
 import torch
 
-from onnxcut.attribution import AttributeOptions, attribute
+from onnxcut.attribution.driver import AttributeOptions, attribute
+from onnxcut.attribution.selection import Selection, make_plan
+from onnxcut.channels.inspection import summarize
+from onnxcut.channels.surgery import extract, mask
 from onnxcut.errors import OnnxcutError
-from onnxcut.graph import load
-from onnxcut.inspection import summarize
+from onnxcut.graph.io import load
+from onnxcut.graph.shapes import dims, graph_inputs
 from onnxcut.runtime import run
-from onnxcut.selection import Selection, make_plan
-from onnxcut.shapes import dims, graph_inputs
-from onnxcut.surgery import extract, mask
 
 _SHIM = torch.library.Library("torchvision", "DEF")
 for _schema in (

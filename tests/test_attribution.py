@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from onnxcut.attribution import AttributeOptions, attribute
+from onnxcut.attribution.driver import AttributeOptions, attribute
+from onnxcut.attribution.scores import load_scores, merge, save_scores
+from onnxcut.attribution.selection import Selection, make_plan, mass_set
 from onnxcut.cli.main import cli
 from onnxcut.errors import DataError
-from onnxcut.graph import load
-from onnxcut.scores import load_scores, merge, save_scores
-from onnxcut.selection import Selection, make_plan, mass_set
+from onnxcut.graph.io import load
 
 from conftest import ROOT, sample_model
 
@@ -85,7 +85,7 @@ def test_merge_refuses_other_settings(scenes: Path, seg_scores, tmp_path: Path):
 def test_resume_equals_uninterrupted(scenes: Path, seg_scores, tmp_path: Path, monkeypatch):
     checkpoint = tmp_path / "run.partial"
     opts = AttributeOptions(tau=0.7, batch=4, checkpoint_every=4)
-    import onnxcut.attribution as attribution
+    import onnxcut.attribution.driver as attribution
 
     real = attribution._accumulate
     calls = {"n": 0}
@@ -191,8 +191,8 @@ def test_cli_attribute_plan_extract(tmp_path: Path, scenes: Path):
 def test_two_category_subnetwork_predicts_them(seg_scores, scenes: Path, tmp_path: Path):
     import onnx
 
-    from onnxcut.evaluation import EvalOptions, evaluate
-    from onnxcut.surgery import extract
+    from onnxcut.channels.surgery import extract
+    from onnxcut.evaluation.metrics import EvalOptions, evaluate
 
     model = sample_model(SEG)
     sub = extract(model, make_plan(load(model), seg_scores, Selection(classes=(3, 5))))
@@ -216,8 +216,8 @@ def test_two_category_subnetwork_predicts_them(seg_scores, scenes: Path, tmp_pat
 def test_two_class_classifier_keeps_accuracy(tmp_path: Path):
     import onnx
 
-    from onnxcut.evaluation import EvalOptions, evaluate
-    from onnxcut.surgery import extract
+    from onnxcut.channels.surgery import extract
+    from onnxcut.evaluation.metrics import EvalOptions, evaluate
 
     for cls in ("4", "8"):
         (tmp_path / "data" / cls).mkdir(parents=True)
@@ -232,7 +232,7 @@ def test_two_class_classifier_keeps_accuracy(tmp_path: Path):
 
 
 def test_round_to_multiples(seg_scores):
-    from onnxcut.deps import build_groups
+    from onnxcut.channels.deps import build_groups
 
     model = load(sample_model(SEG))
     size = {p: g.channels for g in build_groups(model) for p in g.producers}
@@ -255,8 +255,8 @@ def test_logprob_objective(scenes: Path, seg_scores):
 
 
 def test_rank_l1_keeps_counts_and_picks_largest_filters(seg_scores):
-    from onnxcut.deps import trace
-    from onnxcut.selection import filter_l1
+    from onnxcut.attribution.selection import filter_l1
+    from onnxcut.channels.deps import trace
 
     model = load(sample_model(SEG))
     by_scores = make_plan(model, seg_scores, Selection(classes=(3, 5)))
@@ -295,8 +295,8 @@ def test_memory_is_flat_in_the_number_of_images(tmp_path: Path):
 def test_grouped_conv_blocks_keep_equal_counts():
     """A grouped Conv needs the same kept count per block: the plan tops up short blocks with
     their best-ranked channels, and the extracted model equals the masked one."""
-    from onnxcut.scores import Scores
-    from onnxcut.surgery import extract, mask
+    from onnxcut.attribution.scores import Scores
+    from onnxcut.channels.surgery import extract, mask
 
     from netbuilder import NetBuilder
 
@@ -331,8 +331,8 @@ def test_channel_last_matmul_layers_are_probed(tmp_path: Path):
     and cut like 1x1 convolutions."""
     import onnx
 
+    from onnxcut.channels.surgery import extract, mask
     from onnxcut.runtime import run
-    from onnxcut.surgery import extract, mask
 
     from netbuilder import NetBuilder
 
@@ -370,8 +370,8 @@ def test_softmax_head_keeps_every_category(caplog):
     head whole (cutting logits under a Softmax would change the kept probabilities)."""
     import logging
 
-    from onnxcut.scores import Scores
-    from onnxcut.surgery import extract
+    from onnxcut.attribution.scores import Scores
+    from onnxcut.channels.surgery import extract
 
     from netbuilder import NetBuilder
 

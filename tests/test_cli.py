@@ -98,12 +98,12 @@ def test_bad_input_shape_flag(conv_bn: Path):
 
 
 def test_bug_keeps_traceback(monkeypatch, conv_bn: Path):
-    import onnxcut.inspection
+    import onnxcut.channels.inspection
 
     def broken(model):
         raise KeyError("bug")
 
-    monkeypatch.setattr(onnxcut.inspection, "summarize", broken)
+    monkeypatch.setattr(onnxcut.channels.inspection, "summarize", broken)
     result = invoke("inspect", conv_bn)
     assert result.exit_code == 1 and isinstance(result.exception, KeyError)
 

@@ -7,11 +7,11 @@ import onnx
 import pytest
 from onnx import helper
 
-from onnxcut.channel_rules import SPATIAL, UNARY
-from onnxcut.deps import CHANNEL_RULES, ChannelGroup, build_groups, rule, trace
-from onnxcut.graph import load
+from onnxcut.channels.compute_rules import SPATIAL, UNARY
+from onnxcut.channels.deps import CHANNEL_RULES, ChannelGroup, build_groups, rule, trace
+from onnxcut.channels.surgery import extract, mask
+from onnxcut.graph.io import load
 from onnxcut.runtime import run
-from onnxcut.surgery import extract, mask
 
 from conftest import conv_bn_net
 from netbuilder import NetBuilder

@@ -12,10 +12,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from onnxcut.channels.surgery import extract
 from onnxcut.cli.main import cli
 from onnxcut.errors import DataError
-from onnxcut.evaluation import EvalOptions, evaluate
-from onnxcut.surgery import extract
+from onnxcut.evaluation.metrics import EvalOptions, evaluate
 
 from conftest import ROOT, sample_model
 
@@ -36,7 +36,7 @@ def scenes(tmp_path_factory) -> Path:
 def _miou_by_hand(model: Path, scenes: Path, classes=None) -> float:
     """Recompute mIoU with a plain loop over the confusion matrix."""
     from onnxcut import data
-    from onnxcut.graph import load
+    from onnxcut.graph.io import load
     from onnxcut.runtime import run
 
     proto = load(model)

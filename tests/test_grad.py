@@ -18,7 +18,7 @@ from onnxcut.errors import (
 )
 from onnxcut.grad import VJP_RULES, backward, prepare
 from onnxcut.grad.registry import vjp
-from onnxcut.graph import expose_tensors, load
+from onnxcut.graph.io import expose_tensors, load
 from onnxcut.runtime import session
 
 from conftest import SAMPLE_MODELS, SAMPLE_NAMES

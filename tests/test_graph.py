@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcut
+from onnxcut.channels.inspection import count_params
 from onnxcut.errors import ModelError, OutputError
-from onnxcut.inspection import count_params
+from onnxcut.graph.shapes import dims, graph_inputs, parse_input_shapes, require_static
 from onnxcut.runtime import run
-from onnxcut.shapes import dims, graph_inputs, parse_input_shapes, require_static
 
 from conftest import conv_bn_net
 from netbuilder import NetBuilder

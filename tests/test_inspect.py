@@ -9,8 +9,8 @@ import onnx
 import pytest
 
 import onnxcut
+from onnxcut.channels.inspection import count_params, layers, require_layers, summarize
 from onnxcut.errors import ModelError
-from onnxcut.inspection import count_params, layers, require_layers, summarize
 
 from conftest import SAMPLE_NAMES, conv_bn_net, sample_model
 from netbuilder import NetBuilder

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcut.attribution import AttributeOptions, attribute
+from onnxcut.attribution.driver import AttributeOptions, attribute
+from onnxcut.attribution.relevance import Route
 from onnxcut.errors import DataError
-from onnxcut.graph import expose_tensors, load
-from onnxcut.relevance import Route
+from onnxcut.graph.io import expose_tensors, load
 from onnxcut.runtime import run
 
 from conftest import ROOT, sample_model
@@ -87,7 +87,7 @@ def test_classify_scores_hold_relevance(tmp_path):
 def test_top_k_per_class_and_shards(tmp_path):
     import shutil
 
-    from onnxcut.scores import merge
+    from onnxcut.attribution.scores import merge
 
     for cls in ("1", "4", "8"):
         (tmp_path / cls).mkdir()

@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onnxcut.deps import ChannelTrace, trace
+from onnxcut.channels.deps import ChannelTrace, trace
+from onnxcut.channels.plan import Plan, load_plan, parse_plan, resolve
+from onnxcut.channels.surgery import CATEGORIES_KEY, extract, kept_positions, mask
 from onnxcut.errors import PlanError
-from onnxcut.graph import load, save, sha256
-from onnxcut.plan import Plan, load_plan, parse_plan, resolve
+from onnxcut.graph.io import load, save, sha256
+from onnxcut.graph.shapes import graph_inputs
 from onnxcut.runtime import run
-from onnxcut.shapes import graph_inputs
-from onnxcut.surgery import CATEGORIES_KEY, extract, kept_positions, mask
 
 from conftest import SAMPLE_NAMES, sample_model
 from netbuilder import NetBuilder

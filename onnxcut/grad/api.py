@@ -9,7 +9,7 @@ import numpy as np
 from onnx import ModelProto
 
 from onnxcut.errors import DataError, OnnxcutError
-from onnxcut.graph import load
+from onnxcut.graph.io import load
 
 BACKENDS = ("symbolic", "finite-diff", "ort-training")
 

@@ -9,12 +9,12 @@ import onnx
 from onnx import ModelProto, NodeProto, helper, version_converter
 
 from onnxcut.errors import ModelError, UnsupportedOpError
-from onnxcut.folding import fold_shape_values
 from onnxcut.grad.batching import check_batchable
 from onnxcut.grad.emitter import Emitter, Site
 from onnxcut.grad.registry import VJP_RULES, supported_ops
-from onnxcut.graph import FLOAT_TYPES, GraphIndex, opset_version
-from onnxcut.shapes import infer_shapes
+from onnxcut.graph.folding import fold_shape_values
+from onnxcut.graph.io import FLOAT_TYPES, GraphIndex, opset_version
+from onnxcut.graph.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 

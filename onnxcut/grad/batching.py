@@ -14,7 +14,7 @@ import numpy as np
 from onnx import NodeProto
 
 from onnxcut.errors import BatchError
-from onnxcut.graph import GraphIndex, attrs
+from onnxcut.graph.io import GraphIndex, attrs
 
 
 def _axis_is_batch(default: int) -> Callable:

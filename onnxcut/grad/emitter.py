@@ -9,7 +9,7 @@ import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 from onnxcut.errors import BatchError, ModelError
-from onnxcut.graph import GraphIndex, attrs
+from onnxcut.graph.io import GraphIndex, attrs
 
 _NP_DTYPES = {
     TensorProto.FLOAT: np.float32,

@@ -15,7 +15,7 @@ import numpy as np
 from onnx import ModelProto, TensorProto, helper
 
 from onnxcut.errors import DataError, ModelError
-from onnxcut.graph import GraphIndex
+from onnxcut.graph.io import GraphIndex
 from onnxcut.runtime import session
 
 # Copies of the forward batch per tail run; bounds memory.

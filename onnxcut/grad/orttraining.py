@@ -14,7 +14,7 @@ import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from onnxcut.errors import DataError, ModelError, RuntimeMissingError
-from onnxcut.graph import GraphIndex
+from onnxcut.graph.io import GraphIndex
 
 _INSTALL = (
     "the ort-training backend needs onnxruntime-training in an environment of its own: "

@@ -18,9 +18,9 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from onnxcut.errors import BatchError, DataError, ModelError
 from onnxcut.grad.backward import backward, prepare
-from onnxcut.graph import GraphIndex, load
+from onnxcut.graph.io import GraphIndex, load
+from onnxcut.graph.shapes import infer_shapes
 from onnxcut.runtime import session
-from onnxcut.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 

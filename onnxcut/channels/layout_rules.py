@@ -11,9 +11,17 @@ import math
 import numpy as np
 from onnx import NodeProto
 
-from onnxcut.channel_rules import _opset, _reason
-from onnxcut.deps import PAD, SHAPE_READERS, ChannelMap, EditContext, Tracer, rule, untraced
-from onnxcut.graph import attrs
+from onnxcut.channels.compute_rules import _opset, _reason
+from onnxcut.channels.deps import (
+    PAD,
+    SHAPE_READERS,
+    ChannelMap,
+    EditContext,
+    Tracer,
+    rule,
+    untraced,
+)
+from onnxcut.graph.io import attrs
 
 SHAPE_READERS.update(
     {

@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from onnx import ModelProto
 
+from onnxcut.attribution.scores import Scores
 from onnxcut.errors import DataError
-from onnxcut.scores import Scores
 
 PLAN_FORMAT = "onnxcut.plan/1"
 
@@ -201,7 +201,7 @@ def _chosen_layers(scores: Scores, spec: str | None) -> list[str]:
 
 def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
     """Return the plan JSON (onnxcut.plan/1) for the chosen categories."""
-    from onnxcut.deps import trace
+    from onnxcut.channels.deps import trace
 
     if sel.rank not in ("scores", "l1"):
         raise DataError(f"--rank '{sel.rank}': use scores or l1")

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from onnx import ModelProto, NodeProto, TensorProto, external_data_helper, numpy_helper
 
 from onnxcut.errors import ModelError, OutputError
-from onnxcut.shapes import (
+from onnxcut.graph.shapes import (
     dims,
     fix_input_shapes_inplace,
     graph_inputs,

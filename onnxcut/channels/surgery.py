@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
-from onnxcut.deps import ChannelTrace, ConstSlice, EditContext, trace
-from onnxcut.graph import load, sha256
-from onnxcut.inspection import require_layers
-from onnxcut.plan import Plan, PlanLike, as_plan, resolve
-from onnxcut.shapes import infer_shapes
+from onnxcut.channels.deps import ChannelTrace, ConstSlice, EditContext, trace
+from onnxcut.channels.inspection import require_layers
+from onnxcut.channels.plan import Plan, PlanLike, as_plan, resolve
+from onnxcut.graph.io import load, sha256
+from onnxcut.graph.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import ModelProto, NodeProto
 
-from onnxcut.graph import GraphIndex, load
+from onnxcut.graph.io import GraphIndex, load
 
 PRODUCER, PAD, OPAQUE = "producer", "pad", "opaque"
 
@@ -262,7 +262,7 @@ class ChannelTrace:
 def trace(model: ModelProto) -> ChannelTrace:
     """Walk a loaded model once and return its channel groups and surgery records."""
     # The rule modules register themselves in CHANNEL_RULES on import.
-    from onnxcut import channel_rules, layout_rules  # noqa: F401
+    from onnxcut.channels import compute_rules, layout_rules  # noqa: F401
 
     index = GraphIndex(model)
     t = Tracer(index)

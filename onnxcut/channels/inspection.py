@@ -12,8 +12,8 @@ from typing import Any
 
 from onnx import ModelProto, NodeProto
 
-from onnxcut.graph import FLOAT_TYPES, GraphIndex, attrs, opset_version
-from onnxcut.shapes import dims, graph_inputs
+from onnxcut.graph.io import FLOAT_TYPES, GraphIndex, attrs, opset_version
+from onnxcut.graph.shapes import dims, graph_inputs
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -106,7 +106,7 @@ def summarize(model: ModelProto) -> dict[str, Any]:
     table = layers(model, index)
     if any(row["flops"] is None for row in table):
         # Shapes behind Shape arithmetic (x.chunk, view(x.size(0), -1)): fold a copy.
-        from onnxcut.folding import fold_shape_values
+        from onnxcut.graph.folding import fold_shape_values
 
         table = layers(fold_shape_values(model))
     known = [row["flops"] for row in table if row["flops"] is not None]
@@ -127,7 +127,7 @@ def summarize(model: ModelProto) -> dict[str, Any]:
 
 def _groups(model: ModelProto) -> dict[str, Any]:
     """Channel groups (see onnxcut.deps) and the share of weights they make removable."""
-    from onnxcut.deps import prunable_param_share, trace
+    from onnxcut.channels.deps import prunable_param_share, trace
 
     channels = trace(model)
     return {

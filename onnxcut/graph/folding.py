@@ -18,8 +18,8 @@ import logging
 import numpy as np
 from onnx import ModelProto, NodeProto, numpy_helper
 
-from onnxcut.graph import GraphIndex, attrs, opset_version
-from onnxcut.shapes import infer_shapes
+from onnxcut.graph.io import GraphIndex, attrs, opset_version
+from onnxcut.graph.shapes import infer_shapes
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,8 @@ from typing import Any
 import numpy as np
 
 from onnxcut import data
-from onnxcut.errors import DataError, ModelError
-from onnxcut.gradient_runner import GradientRunner
-from onnxcut.graph import load, sha256
-from onnxcut.probe import (
+from onnxcut.attribution.gradient_runner import GradientRunner
+from onnxcut.attribution.probe import (
     Head,
     channel_counts,
     find_head,
@@ -36,9 +34,11 @@ from onnxcut.probe import (
     probe_layers,
     resize_masks,
 )
-from onnxcut.relevance import Route
-from onnxcut.scores import Scores, load_scores, quantize, save_scores
-from onnxcut.shapes import default_batch_inplace, infer_shapes
+from onnxcut.attribution.relevance import Route
+from onnxcut.attribution.scores import Scores, load_scores, quantize, save_scores
+from onnxcut.errors import DataError, ModelError
+from onnxcut.graph.io import load, sha256
+from onnxcut.graph.shapes import default_batch_inplace, infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _settings(
     pre: data.Preprocess,
     sha: str,
 ) -> dict[str, Any]:
-    from onnxcut import __version__
+    from onnxcut._version import __version__
 
     return {
         "model_sha256": sha,

@@ -22,12 +22,12 @@ import numpy as np
 from onnx import ModelProto
 
 from onnxcut import data
+from onnxcut.attribution.probe import Head, find_head, resize_masks
+from onnxcut.channels.inspection import summarize
 from onnxcut.errors import DataError
-from onnxcut.graph import load
-from onnxcut.inspection import summarize
-from onnxcut.probe import Head, find_head, resize_masks
+from onnxcut.graph.io import load
+from onnxcut.graph.shapes import default_batch_inplace, infer_shapes
 from onnxcut.runtime import session
-from onnxcut.shapes import default_batch_inplace, infer_shapes
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxcut.deps import ChannelTrace
+from onnxcut.channels.deps import ChannelTrace
 from onnxcut.errors import PlanError
 
 FORMAT = "onnxcut.plan/1"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxcut.graph import GraphIndex, attrs
+from onnxcut.graph.io import GraphIndex, attrs
 
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -39,7 +39,7 @@ class Route:
     """Relevance propagation over a model's parameter layers, per image and class."""
 
     def __init__(self, model, head_score: str, alpha: float = 1.0, beta: float = 0.0):
-        from onnxcut.deps import trace
+        from onnxcut.channels.deps import trace
 
         assert alpha - beta == 1, "the alpha-beta rule conserves relevance only if alpha-beta=1"
         self.alpha, self.beta = alpha, beta

@@ -15,7 +15,7 @@ import numpy as np
 from onnx import ModelProto
 
 from onnxcut.errors import DataError, ModelError
-from onnxcut.graph import FLOAT_TYPES, GraphIndex
+from onnxcut.graph.io import FLOAT_TYPES, GraphIndex
 
 PROBE_OPS = ("Conv", "ConvTranspose")
 # Channel-last MatMuls with a constant weight are 1x1 convolutions written as Linear layers

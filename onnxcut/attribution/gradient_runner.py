@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 from onnx import ModelProto, helper
 
+from onnxcut.attribution.probe import Head, feature_axis
 from onnxcut.errors import DataError, RuntimeMissingError
 from onnxcut.grad import GradientSession
-from onnxcut.graph import GraphIndex, expose_tensors
-from onnxcut.probe import Head, feature_axis
+from onnxcut.graph.io import GraphIndex, expose_tensors
+from onnxcut.graph.shapes import graph_inputs, infer_shapes
 from onnxcut.runtime import session
-from onnxcut.shapes import graph_inputs, infer_shapes
 
 OBJECTIVES = ("logit", "logprob")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import NodeProto
 
-from onnxcut.deps import PRODUCER, ChannelMap, EditContext, Tracer, rule, untraced
+from onnxcut.channels.deps import PRODUCER, ChannelMap, EditContext, Tracer, rule, untraced
 from onnxcut.errors import PlanError
-from onnxcut.graph import attrs
+from onnxcut.graph.io import attrs
 
 # fmt: off
 # Ops that act on every element alone: output channel c depends on input channel c only.
@@ -171,7 +171,7 @@ def mixing(t: Tracer, node: NodeProto) -> None:
 
 
 def _opset(t: Tracer) -> int:
-    from onnxcut.graph import opset_version
+    from onnxcut.graph.io import opset_version
 
     return opset_version(t.index.model)
 
