@@ -8,7 +8,8 @@ import pytest
 from onnx import helper
 
 from onnxcut.channels.compute_rules import SPATIAL, UNARY
-from onnxcut.channels.deps import CHANNEL_RULES, ChannelGroup, build_groups, rule, trace
+from onnxcut.channels.deps import ChannelGroup, build_groups, trace
+from onnxcut.channels.registry import CHANNEL_RULES, rule
 from onnxcut.channels.surgery import extract, mask
 from onnxcut.graph.io import load
 from onnxcut.runtime import run

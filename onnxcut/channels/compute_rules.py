@@ -10,7 +10,16 @@ from __future__ import annotations
 import numpy as np
 from onnx import NodeProto
 
-from onnxcut.channels.deps import PRODUCER, ChannelMap, EditContext, Tracer, rule, untraced
+from onnxcut.channels.registry import (
+    PRODUCER,
+    ChannelMap,
+    EditContext,
+    Tracer,
+    node_reason,
+    opset_of,
+    rule,
+    untraced,
+)
 from onnxcut.errors import PlanError
 from onnxcut.graph.io import attrs
 
@@ -37,10 +46,6 @@ REDUCE = (
 # fmt: on
 
 
-def _reason(node: NodeProto, why: str) -> str:
-    return f"node '{node.name}' ({node.op_type}) {why}"
-
-
 @rule(*UNARY)
 def same(t: Tracer, node: NodeProto) -> None:
     cmap = t.get(node.input[0])
@@ -56,12 +61,12 @@ def spatial(t: Tracer, node: NodeProto) -> None:
     if cmap is None:
         return
     if cmap.axis != 1:
-        t.freeze(cmap, _reason(node, f"pools over axis {cmap.axis}, which carries channels"))
+        t.freeze(cmap, node_reason(node, f"pools over axis {cmap.axis}, which carries channels"))
         return
     t.set(node.output[0], cmap)
     indices = node.output[1] if len(node.output) > 1 else ""
     if indices and (t.index.consumers.get(indices) or indices in t.index.outputs):
-        t.freeze(cmap, _reason(node, "returns indices that encode channel positions"))
+        t.freeze(cmap, node_reason(node, "returns indices that encode channel positions"))
 
 
 @rule("BatchNormalization", "InstanceNormalization")
@@ -71,7 +76,7 @@ def channelwise(t: Tracer, node: NodeProto) -> None:
     if cmap is None:
         return
     if cmap.axis != 1:
-        t.freeze(cmap, _reason(node, f"normalises axis 1, channels are on axis {cmap.axis}"))
+        t.freeze(cmap, node_reason(node, f"normalises axis 1, channels are on axis {cmap.axis}"))
         return
     for i in range(1, len(node.input)):
         if not t.slice_const(node, i, 0, cmap.slots):
@@ -113,7 +118,7 @@ def elementwise(t: Tracer, node: NodeProto) -> None:
         if d == 1 or (length == 1 and d == length):
             continue
         if d != length or not t.slice_const(node, i, ax, full.slots):
-            t.freeze(full, _reason(node, f"combines channels with untraced tensor '{name}'"))
+            t.freeze(full, node_reason(node, f"combines channels with untraced tensor '{name}'"))
     t.set(out, ChannelMap(axis, full.slots))
 
 
@@ -129,14 +134,14 @@ def reduce(t: Tracer, node: NodeProto) -> None:
     elif len(node.input) > 1 and node.input[1]:
         given = t.const(node.input[1])
         if given is None:
-            t.freeze(cmap, _reason(node, "reduces over computed axes"))
+            t.freeze(cmap, node_reason(node, "reduces over computed axes"))
             return
         axes = given.reshape(-1).tolist()
     else:
         axes = [] if a.get("noop_with_empty_axes", 0) else list(range(rank or 0))
     axes = [x + rank if x < 0 else x for x in axes] if rank else axes
     if rank is None or cmap.axis in axes:
-        t.freeze(cmap, _reason(node, "mixes channels without weights (reduces over them)"))
+        t.freeze(cmap, node_reason(node, "mixes channels without weights (reduces over them)"))
         return
     shift = 0 if a.get("keepdims", 1) else sum(x < cmap.axis for x in axes)
     t.set(node.output[0], ChannelMap(cmap.axis - shift, cmap.slots))
@@ -150,7 +155,7 @@ def along_axis(t: Tracer, node: NodeProto) -> None:
     if cmap is None:
         return
     a = attrs(node)
-    opset = _opset(t)
+    opset = opset_of(t)
     coerced = node.op_type == "LayerNormalization" or (
         node.op_type in ("Softmax", "LogSoftmax", "Hardmax") and opset < 13
     )
@@ -159,7 +164,7 @@ def along_axis(t: Tracer, node: NodeProto) -> None:
     axis = axis + rank if rank is not None and axis < 0 else axis
     mixed = cmap.axis >= axis if coerced else cmap.axis == axis
     if rank is None or mixed:
-        t.freeze(cmap, _reason(node, "mixes channels without weights"))
+        t.freeze(cmap, node_reason(node, "mixes channels without weights"))
         return
     shift = int(node.op_type.startswith("Arg") and not a.get("keepdims", 1) and axis < cmap.axis)
     t.set(node.output[0], ChannelMap(cmap.axis - shift, cmap.slots))
@@ -170,25 +175,19 @@ def mixing(t: Tracer, node: NodeProto) -> None:
     untraced(t, node, "mixes channels without weights")
 
 
-def _opset(t: Tracer) -> int:
-    from onnxcut.graph.io import opset_version
-
-    return opset_version(t.index.model)
-
-
 # -- parameter layers ---------------------------------------------------------------------
 def _input_map(t: Tracer, node: NodeProto, axis: int) -> ChannelMap | None:
     """The traced channels a parameter layer reads on `axis`; any other axis freezes them."""
     cmap = t.get(node.input[0])
     if cmap is not None and cmap.axis != axis:
-        t.freeze(cmap, _reason(node, f"reads channels on axis {axis}, not {cmap.axis}"))
+        t.freeze(cmap, node_reason(node, f"reads channels on axis {axis}, not {cmap.axis}"))
         return None
     return cmap
 
 
 def _bias(t: Tracer, node: NodeProto, i: int, out: np.ndarray) -> None:
     if len(node.input) > i and node.input[i] and not t.slice_const(node, i, 0, out):
-        reason = _reason(node, f"has computed bias '{node.input[i]}'")
+        reason = node_reason(node, f"has computed bias '{node.input[i]}'")
         t.freeze(out, reason)
         t.freeze(t.get(node.input[i]), reason)
 
@@ -222,7 +221,7 @@ def conv(t: Tracer, node: NodeProto) -> None:
     _bias(t, node, 2, out)
     if group > 1:
         if cmap is None:
-            t.freeze(out, _reason(node, f"is grouped (group={group}) over untraced channels"))
+            t.freeze(out, node_reason(node, f"is grouped (group={group}) over untraced channels"))
         else:
             t.edit(node, _grouped_check(node, group, cmap.slots, out))
             t.blocks += [(cmap.slots, group), (out, group)]
@@ -293,7 +292,7 @@ def gemm(t: Tracer, node: NodeProto) -> None:
         if shape and shape[-1] != 1 and not t.slice_const(node, 2, len(shape) - 1, out):
             _bias(t, node, 2, out)
         else:
-            t.freeze(t.get(node.input[2]), _reason(node, "adds a traced tensor as bias"))
+            t.freeze(t.get(node.input[2]), node_reason(node, "adds a traced tensor as bias"))
     t.set(node.output[0], ChannelMap(1, out))
 
 

@@ -1,4 +1,4 @@
-"""Channel rules for ops that move, split, join, pad or reshape the channel axis.
+"""Channel rules for ops that move, split, join or pad the channel axis.
 
 Also tracks shape vectors (Shape -> Gather/Slice/Concat -> Reshape or Resize), so that a
 dynamic reshape is accepted only where its target does not hard-code a channel count.
@@ -11,15 +11,18 @@ import math
 import numpy as np
 from onnx import NodeProto
 
-from onnxcut.channels.compute_rules import _opset, _reason
-from onnxcut.channels.deps import (
+from onnxcut.channels.registry import (
     PAD,
     SHAPE_READERS,
     ChannelMap,
     EditContext,
     Tracer,
+    axis_index,
+    node_reason,
+    opset_of,
     rule,
     untraced,
+    write_ints,
 )
 from onnxcut.graph.io import attrs
 
@@ -38,21 +41,9 @@ SHAPE_READERS.update(
 )
 
 
-def _axis(value: int, rank: int) -> int:
-    return value + rank if value < 0 else value
-
-
-def _write(ctx: EditContext, node: NodeProto, i: int, attr: str, values, dtype) -> None:
-    """Store new integer parameters in input `i`, or in attribute `attr` for old opsets."""
-    if attr:
-        ctx.set_attr(node, attr, [int(v) for v in values])
-    else:
-        ctx.set_const(node, i, np.asarray(values, dtype=dtype))
-
-
 def _ints(t: Tracer, node: NodeProto, i: int, attr: str, opset_split: int) -> list[int] | None:
     """Read an integer list from input `i` (opset >= opset_split) or attribute `attr`."""
-    if _opset(t) < opset_split:
+    if opset_of(t) < opset_split:
         value = attrs(node).get(attr)
         return None if value is None else [int(v) for v in value]
     if len(node.input) <= i or not node.input[i]:
@@ -99,11 +90,11 @@ def squeeze(t: Tracer, node: NodeProto) -> None:
     if axes is None:  # Squeeze without axes drops every size-1 dim
         axes = [i for i, d in enumerate(t.shape(x)) if d == 1]
     if node.op_type == "Unsqueeze":
-        inserted = sorted(_axis(a, rank_out) for a in axes)
+        inserted = sorted(axis_index(a, rank_out) for a in axes)
         kept_axes = [i for i in range(rank_out) if i not in inserted]
         t.set(node.output[0], ChannelMap(kept_axes[cmap.axis], cmap.slots))
         return
-    removed = [_axis(a, rank_in) for a in axes]
+    removed = [axis_index(a, rank_in) for a in axes]
     if cmap.axis in removed:
         untraced(t, node, "squeezes the channel axis away")
         return
@@ -128,7 +119,7 @@ def concat(t: Tracer, node: NodeProto) -> None:
         untraced(t, node, "joins tensors whose channels lie on different axes")
         return
     caxis = axes.pop()
-    axis = _axis(int(attrs(node)["axis"]), rank)
+    axis = axis_index(int(attrs(node)["axis"]), rank)
     first = next(m for m in maps if m is not None)
     parts = []
     for i, (name, m) in enumerate(zip(names, maps, strict=True)):
@@ -151,7 +142,7 @@ def concat(t: Tracer, node: NodeProto) -> None:
             if axis != caxis:
                 untraced(t, node, f"joins untraced tensor '{name}' along another axis")
                 return
-            t.freeze(slots, _reason(node, f"joins untraced tensor '{name}'"))
+            t.freeze(slots, node_reason(node, f"joins untraced tensor '{name}'"))
         parts.append(slots)
     slots = np.concatenate(parts) if axis == caxis else first.slots
     t.set(out, ChannelMap(caxis, slots))
@@ -164,11 +155,11 @@ def split(t: Tracer, node: NodeProto) -> None:
         return
     cmap, rank = traced
     a = attrs(node)
-    if _axis(int(a.get("axis", 0)), rank) != cmap.axis:
+    if axis_index(int(a.get("axis", 0)), rank) != cmap.axis:
         for out in node.output:
             t.set(out, cmap)
         return
-    opset, n, c = _opset(t), len(node.output), len(cmap.slots)
+    opset, n, c = opset_of(t), len(node.output), len(cmap.slots)
     if len(node.input) > 1 and node.input[1]:
         sizes = _ints(t, node, 1, "split", 13)
     elif "split" in a:
@@ -186,7 +177,7 @@ def split(t: Tracer, node: NodeProto) -> None:
 
     def edit(ctx: EditContext) -> None:
         new = [int(ctx.kept(seg).sum()) for seg in segments]
-        _write(ctx, node, 1, "split" if opset < 13 else "", new, np.int64)
+        write_ints(ctx, node, 1, "split" if opset < 13 else "", new, np.int64)
         if "num_outputs" in a:
             ctx.set_attr(node, "num_outputs", None)
 
@@ -201,14 +192,14 @@ def slice_(t: Tracer, node: NodeProto) -> None:
     cmap = t.get(x)
     if cmap is None:
         return
-    old = _opset(t) < 10
+    old = opset_of(t) < 10
     starts, ends = _ints(t, node, 1, "starts", 10), _ints(t, node, 2, "ends", 10)
     axes, steps = _ints(t, node, 3, "axes", 10), None if old else _ints(t, node, 4, "", 10)
     rank = t.rank(x)
     if starts is None or ends is None or rank is None:
         untraced(t, node, "slices at computed bounds")
         return
-    axes = [_axis(v, rank) for v in (axes if axes is not None else range(len(starts)))]
+    axes = [axis_index(v, rank) for v in (axes if axes is not None else range(len(starts)))]
     if cmap.axis not in axes:
         t.set(node.output[0], cmap)
         return
@@ -226,8 +217,8 @@ def slice_(t: Tracer, node: NodeProto) -> None:
         begin = int(ctx.kept(before).sum())
         new_starts, new_ends = list(starts), list(ends)
         new_starts[j], new_ends[j] = begin, begin + int(ctx.kept(seg).sum())
-        _write(ctx, node, 1, "starts" if old else "", new_starts, dtype)
-        _write(ctx, node, 2, "ends" if old else "", new_ends, dtype)
+        write_ints(ctx, node, 1, "starts" if old else "", new_starts, dtype)
+        write_ints(ctx, node, 2, "ends" if old else "", new_ends, dtype)
 
     t.edit(node, edit)
 
@@ -260,8 +251,8 @@ def shape(t: Tracer, node: NodeProto) -> None:
         untraced(t, node, "reads a shape of unknown rank")
         return
     a = attrs(node)
-    start, end = _axis(int(a.get("start", 0)), rank), a.get("end")
-    end = rank if end is None else min(_axis(int(end), rank), rank)
+    start, end = axis_index(int(a.get("start", 0)), rank), a.get("end")
+    end = rank if end is None else min(axis_index(int(end), rank), rank)
     channel = cmap.axis if cmap is not None else -1
     t.values[node.output[0]] = [("d", x, i, i == channel) for i in range(start, end)]
 
@@ -273,13 +264,13 @@ def pad(t: Tracer, node: NodeProto) -> None:
         return
     cmap, rank = traced
     a = attrs(node)
-    old = _opset(t) < 11
+    old = opset_of(t) < 11
     pads = _ints(t, node, 1, "pads" if "pads" in a else "paddings", 11)
     axes = None if old else _ints(t, node, 3, "", 11)
     if pads is None:
         untraced(t, node, "pads by computed amounts")
         return
-    axes = [_axis(v, rank) for v in (axes if axes is not None else range(rank))]
+    axes = [axis_index(v, rank) for v in (axes if axes is not None else range(rank))]
     if cmap.axis not in axes:
         t.set(node.output[0], cmap)
         return
@@ -299,125 +290,6 @@ def pad(t: Tracer, node: NodeProto) -> None:
     def edit(ctx: EditContext) -> None:
         new = list(pads)
         new[j], new[j + n] = int(ctx.kept(head).sum()), int(ctx.kept(tail).sum())
-        _write(ctx, node, 1, "pads" if old else "", new, dtype)
-
-    t.edit(node, edit)
-
-
-@rule("Flatten")
-def flatten(t: Tracer, node: NodeProto) -> None:
-    cmap, shape = t.get(node.input[0]), t.shape(node.input[0])
-    if cmap is None:
-        return
-    axis = _axis(int(attrs(node).get("axis", 1)), len(shape or []))
-    inner = shape[cmap.axis + 1 :] if shape else None
-    outer = shape[axis : cmap.axis] if shape else []
-    if shape is None or cmap.axis < axis or not all(isinstance(d, int) for d in inner + outer):
-        untraced(t, node, "flattens channels with unknown or batch dims")
-        return
-    # Channel c becomes a block of prod(inner) features, repeated prod(outer) times.
-    slots = np.tile(np.repeat(cmap.slots, math.prod(inner)), math.prod(outer))
-    t.set(node.output[0], ChannelMap(1, slots))
-
-
-@rule("Reshape")
-def reshape(t: Tracer, node: NodeProto) -> None:
-    cmap = t.get(node.input[0])
-    if cmap is None:
-        return
-    src, dst = t.shape(node.input[0]), t.shape(node.output[0])
-    target = t.value(node.input[1])
-    found = _reshape_axis(src, dst, cmap.axis) if src and dst and target else None
-    if found is None or len(target) != len(dst):
-        untraced(t, node, "reshapes across the channel axis (channel shuffle or dynamic reshape)")
-        return
-    b, m, k = found
-    entry, fixed = target[b], t.const(node.input[1])
-    copies = b == cmap.axis and m == k == 1 and entry in (("c", 0), ("d", *_own(node, cmap)))
-    counted = entry is not None and entry[0] == "c" and entry[1] > 0 and fixed is not None
-    others = [e for i, e in enumerate(target) if i != b]
-    if any(e is not None and e[0] == "d" and e[3] for e in others) or not (
-        entry == ("c", -1) or copies or counted
-    ):
-        untraced(t, node, "computes its target shape from the channel count")
-        return
-    t.set(node.output[0], ChannelMap(b, np.tile(np.repeat(cmap.slots, k), m)))
-    if counted:
-
-        def edit(ctx: EditContext) -> None:
-            new = fixed.copy()
-            new[b] = m * int(ctx.kept(cmap.slots).sum()) * k
-            ctx.set_const(node, 1, new)
-
-        t.edit(node, edit)
-
-
-def _own(node: NodeProto, cmap: ChannelMap) -> tuple:
-    return node.input[0], cmap.axis, True
-
-
-def _reshape_axis(src: list, dst: list, axis: int) -> tuple[int, int, int] | None:
-    """Find the output axis b holding input channels: dst[b] = m * C * k, where m merges
-    the input dims just before the channel axis and k those just after."""
-    c = src[axis]
-    lead = 0
-    while lead < min(axis, len(dst)) and src[lead] == dst[lead]:
-        lead += 1
-    rest_src, rest_dst = src[lead:axis], dst[lead:]
-    after = src[axis + 1 :]
-    if not all(isinstance(d, int) for d in [c, *rest_src, *rest_dst, *after]):
-        return None
-    outer = math.prod(rest_src)
-    before = {math.prod(rest_src[i:]) for i in range(len(rest_src) + 1)}
-    inner = {math.prod(after[:i]) for i in range(len(after) + 1)}
-    for b in range(len(rest_dst)):
-        prefix = math.prod(rest_dst[:b])
-        if outer % prefix or prefix > outer:
-            return None
-        m = outer // prefix
-        if m in before and rest_dst[b] % (m * c) == 0 and rest_dst[b] // (m * c) in inner:
-            return lead + b, m, rest_dst[b] // (m * c)
-    return None
-
-
-@rule("Resize", "Upsample")
-def resize(t: Tracer, node: NodeProto) -> None:
-    x = node.input[0]
-    cmap = t.get(x)
-    if cmap is None:
-        return
-    a = attrs(node)
-    names = [*node.input, "", "", ""]
-    scales_name = names[1] if node.op_type == "Upsample" else names[2]
-    scales = a.get("scales") if node.op_type == "Upsample" and "scales" in a else None
-    if scales is None and scales_name:
-        scales = t.const(scales_name)
-        if scales is None:
-            untraced(t, node, "scales by computed factors")
-            return
-    if "axes" in a:
-        untraced(t, node, "resizes selected axes")
-        return
-    if scales is not None and len(scales) and float(np.asarray(scales)[cmap.axis]) != 1.0:
-        untraced(t, node, "resizes the channel axis")
-        return
-    t.set(node.output[0], cmap)
-    sizes = names[3] if node.op_type == "Resize" else ""
-    if not sizes:
-        return
-    value = t.value(sizes)
-    entry = value[cmap.axis] if value is not None and len(value) > cmap.axis else None
-    follows = entry is not None and entry[0] == "d" and entry[2] == cmap.axis
-    if follows and np.array_equal(getattr(t.get(entry[1]), "slots", None), cmap.slots):
-        return  # the sizes read the channel count of the input itself
-    fixed = t.const(sizes)
-    if fixed is None or entry != ("c", len(cmap.slots)):
-        untraced(t, node, "resizes to computed sizes that fix the channel count")
-        return
-
-    def edit(ctx: EditContext) -> None:
-        new = fixed.copy()
-        new[cmap.axis] = int(ctx.kept(cmap.slots).sum())
-        ctx.set_const(node, 3, new)
+        write_ints(ctx, node, 1, "pads" if old else "", new, dtype)
 
     t.edit(node, edit)

@@ -19,9 +19,10 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
-from onnxcut.channels.deps import ChannelTrace, ConstSlice, EditContext, trace
+from onnxcut.channels.deps import ChannelTrace, trace
 from onnxcut.channels.inspection import require_layers
 from onnxcut.channels.plan import Plan, PlanLike, as_plan, resolve
+from onnxcut.channels.registry import ConstSlice, EditContext
 from onnxcut.graph.io import load, sha256
 from onnxcut.graph.shapes import infer_shapes
 
