@@ -52,6 +52,7 @@ class Case:
     n_out: int = 1
     output: int = 0
     name: str = ""
+    params: tuple[str, ...] = ()  # feeds that are weights: no batch axis
 
     def __post_init__(self):
         self.name = self.name or self.op
@@ -415,6 +416,107 @@ CASES: dict[str, list[Case]] = {
         ),
     ],
 }
+
+
+def p(op, x, *extra, params: dict[str, np.ndarray], consts=None, name="param", **kw) -> Case:
+    """Case whose weights `params` are graph inputs, differentiated as during training."""
+    return c(op, x, *extra, feeds=params, consts=consts, name=name, params=tuple(params), **kw)
+
+
+# Parameter gradients (training): the weights are graph inputs, no batch axis.
+PARAM_CASES = [
+    p("Conv", grid(1, 2, 6, 6), "w", "b", params=dict(W), attrs={"pads": [1, 1, 1, 1]}),
+    p(
+        "Conv",
+        grid(2, 2, 7, 8),
+        "w",
+        "b",
+        params=dict(W),
+        attrs={"strides": [2, 3], "pads": [0, 2, 1, 0]},
+        name="param-asym",
+    ),
+    p(
+        "Conv",
+        grid(1, 2, 9, 9),
+        "w",
+        params={"w": W["w"]},
+        attrs={"dilations": [2, 2], "pads": [1, 2, 2, 1]},
+        name="param-dilated",
+    ),
+    p(
+        "Conv",
+        grid(2, 4, 7, 7),
+        "w",
+        params={"w": rand(6, 2, 3, 3)},
+        attrs={"group": 2, "strides": [2, 2], "pads": [1, 1, 1, 1]},
+        name="param-grouped",
+    ),
+    p(
+        "Conv",
+        grid(2, 3, 6, 6),
+        "w",
+        "b",
+        params={"w": rand(3, 1, 3, 3), "b": rand(3)},
+        attrs={"group": 3, "pads": [1, 1, 1, 1]},
+        name="param-depthwise",
+    ),
+    p(
+        "ConvTranspose",
+        grid(2, 2, 3, 3),
+        "w",
+        "b",
+        params={"w": rand(2, 3, 2, 2), "b": rand(3)},
+        attrs={"strides": [2, 2]},
+    ),
+    p(
+        "ConvTranspose",
+        grid(1, 2, 3, 4),
+        "w",
+        params={"w": rand(2, 3, 3, 3)},
+        attrs={"strides": [2, 2], "pads": [1, 0, 0, 2], "output_padding": [1, 1]},
+        name="param-pads",
+    ),
+    p(
+        "ConvTranspose",
+        grid(1, 4, 3, 3),
+        "w",
+        params={"w": rand(4, 1, 3, 3)},
+        attrs={"strides": [2, 2], "group": 2, "dilations": [2, 1]},
+        name="param-group",
+    ),
+    p(
+        "BatchNormalization",
+        grid(2, 2, 3, 3),
+        "s",
+        "b",
+        "m",
+        "v",
+        params={"s": rand(2) + 1, "b": rand(2)},
+        consts={"m": rand(2), "v": np.abs(rand(2)) + 0.5},
+    ),
+    p(
+        "LayerNormalization",
+        rand(2, 3, 4, scale=1.0),
+        "s",
+        "b",
+        params={"s": rand(4) + 1, "b": rand(4)},
+    ),
+    p("PRelu", grid(2, 2, 3, 3), "s", params={"s": rand(2, 1, 1) + 1}),
+    p(
+        "Gemm",
+        grid(2, 4),
+        "w",
+        "b",
+        params={"w": rand(3, 4), "b": rand(3)},
+        attrs={"transB": 1, "alpha": 0.5},
+    ),
+    p("MatMul", grid(2, 3, 4), "w", params={"w": rand(4, 5)}),
+    p("Mul", grid(2, 2, 3, 3), "k", params={"k": rand(2, 1, 1)}),
+    p("Add", grid(2, 2, 3, 3), "k", params={"k": rand(2, 1, 1)}),
+]
+for _case in PARAM_CASES:
+    CASES[_case.op].append(_case)
+
 CASES["Where"][0].inputs = ["c", "x", "z"]
 CASES["Where"][0].consts = {"c": grid(1, 2, 3, 3, seed=9) > 0}
 
@@ -791,7 +893,7 @@ def test_rule_batched_over_categories_matches_one_at_a_time(case: Case):
         with pytest.raises(BatchError, match="one at a time"):
             backward(proto, output, wrt, "seed", repeats="copies")
         return
-    batched, names = backward(proto, output, wrt, "seed", repeats="copies")
+    batched, names = backward(proto, output, wrt, "seed", repeats="copies", params=case.params)
     got = session(batched).run(
         [names[w] for w in wrt],
         {**case.feeds, "seed": np.concatenate(seeds), "copies": np.array([2], np.int64)},
@@ -799,9 +901,18 @@ def test_rule_batched_over_categories_matches_one_at_a_time(case: Case):
     plain, plain_names = backward(
         _with_seed(prepare(load(model)), output, y.shape), output, wrt, "seed"
     )
-    for k, seed in enumerate(seeds):
-        want = session(plain).run([plain_names[w] for w in wrt], {**case.feeds, "seed": seed})
+    wants = [
+        session(plain).run([plain_names[w] for w in wrt], {**case.feeds, "seed": seed})
+        for seed in seeds
+    ]
+    for i, w in enumerate(wrt):
+        if w in case.params:  # a weight's gradient sums over the copies
+            total = wants[0][i] + wants[1][i]
+            np.testing.assert_allclose(got[i], total, rtol=1e-5, atol=1e-5, err_msg=f"d/d{w}")
+    for k, want in enumerate(wants):
         for w, g, one in zip(wrt, got, want, strict=True):
+            if w in case.params:
+                continue
             n = one.shape[0]
             rows = g.reshape(2 * n, *one.shape[1:])  # (K*N, ...) or (K, N, ...)
             np.testing.assert_allclose(

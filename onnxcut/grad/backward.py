@@ -54,14 +54,17 @@ def backward(
     seed: str,
     *,
     repeats: str | None = None,
+    params: Sequence[str] = (),
 ) -> tuple[ModelProto, dict[str, str]]:
     """Append the gradient of `output`, seeded by tensor `seed`, w.r.t. each `wrt` tensor.
 
     `seed` must already exist in the model (an input or a computed tensor) and holds dL/d
     output. With `repeats` (a (1,) int64 tensor K) the seed's batch is K times the forward
     batch; a node that would mix the K copies raises BatchError, and a gradient output may be
-    shaped (K, N, ...) instead of (K*N, ...). Returns a new model whose extra outputs are the
-    gradients, and {wrt: gradient name}.
+    shaped (K, N, ...) instead of (K*N, ...). `params` names graph inputs that are weights,
+    not data: they carry no batch axis, and their gradients sum over the batch (and the K
+    copies). Returns a new model whose extra outputs are the gradients, and {wrt: gradient
+    name}.
     """
     assert opset_version(model) >= MIN_OPSET, "call prepare() first"
     new = ModelProto()
@@ -76,7 +79,8 @@ def backward(
                 f"tensor '{name}' does not lead to output '{output}'; pick a tensor that "
                 "the output depends on"
             )
-    emitter = Emitter(index, _descendants(index, set(index.inputs), floats_only=False), repeats)
+    data = set(index.inputs) - set(params)
+    emitter = Emitter(index, _descendants(index, data, floats_only=False), repeats)
     batch = (index.shape(output) or [None])[0]
     emitter.set_batch(batch)
     grads: dict[str, list[str]] = {output: [seed]}
@@ -86,7 +90,7 @@ def backward(
         if any(i in active for i in n.input) and any(o in relevant for o in n.output)
     ]
     if repeats is not None:
-        floats = _descendants(index, set(index.inputs))
+        floats = _descendants(index, data)
         for node in path:
             check_batchable(node, index, floats, batch)
     for node in reversed(path):

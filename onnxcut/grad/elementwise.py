@@ -48,9 +48,14 @@ def leaky_relu(g: Emitter, s: Site):
 
 @vjp("PRelu")
 def prelu(g: Emitter, s: Site):
+    slope = s.node.input[1]
     positive = g.op("Greater", [s.x, g.scalar(0.0, s.x)])
-    # The slope's own gradient is a weight gradient: never built.
-    return (_select(g, s, positive, s.x, s.node.input[1]), None)
+    dx = _select(g, s, positive, s.x, slope) if s.needs[0] else None
+    dslope = None
+    if s.needs[1]:
+        negative_part = g.op("Min", [s.x, g.scalar(0.0, s.x)])
+        dslope = g.unbroadcast(g.times(s.g, negative_part, s.x, s.y), slope, s.y, s.node)
+    return (dx, dslope)
 
 
 @vjp("Sigmoid")

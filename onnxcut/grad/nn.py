@@ -1,8 +1,9 @@
 """VJP rules for parameter layers: Conv, ConvTranspose, BatchNormalization,
 LayerNormalization, Gemm, MatMul.
 
-Only input gradients are built; a rule asked for a weight gradient returns None and the
-driver names the node.
+Each rule gives the input's gradient and, where a weight is differentiated (a graph input
+during training), the weight's and bias's. BatchNormalization's running statistics never get
+one: they are frozen in inference mode.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 from onnxcut.errors import UnsupportedOpError
 from onnxcut.grad.emitter import Emitter, Site, decoded
 from onnxcut.grad.registry import vjp
+from onnxcut.grad.weights import channel_sum, conv_weight_grad, flipped_transposed
 
 
 def _window(g: Emitter, s: Site, spatial: int) -> tuple[list[int], list[int], list[int]]:
@@ -55,33 +57,52 @@ def _flipped_transposed(weight: np.ndarray, group: int) -> np.ndarray:
 
 @vjp("Conv")
 def conv(g: Emitter, s: Site):
-    x, w = s.node.input[:2]
+    x = s.x
     xs = g.static_shape(x, s.node)
     ys = g.static_shape(s.y, s.node)
     kernel, strides, dilations = _window(g, s, len(xs) - 2)
     group = int(s.attrs.get("group", 1))
     begins, ends = conv_pads(s.attrs, list(xs[2:]), kernel, strides, dilations)
+    dw = db = None
+    if s.needs[1]:
+        dw = conv_weight_grad(
+            g, g.fwd(x), xs, s.g, kernel, strides, dilations, group, begins + ends
+        )
+    if s.input(2) and s.needs[2]:
+        db = channel_sum(g, s.g, len(ys))
+    dx = _conv_input_grad(g, s, xs, ys, kernel, strides, dilations, group, begins, ends)
+    return (dx, dw, db)
+
+
+def _conv_input_grad(g: Emitter, s: Site, xs, ys, kernel, strides, dilations, group, begins, ends):
+    if not s.needs[0]:
+        return None
+    w = s.node.input[1]
     extents = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
-    weight = g.value(w)
     full_begins = [e - 1 - b for e, b in zip(extents, begins, strict=True)]
     full_ends = [e - 1 - p for e, p in zip(extents, ends, strict=True)]
-    if weight is not None and set(strides) == {1} and min(full_begins + full_ends) >= 0:
+    if set(strides) == {1} and min(full_begins + full_ends) >= 0:
         # Stride 1: a Conv with the flipped kernel, far faster than a depthwise ConvTranspose.
-        dx = g.op(
+        weight = g.value(w)
+        flipped = (
+            g.array(_flipped_transposed(weight, group), w)
+            if weight is not None
+            else flipped_transposed(g, w, g.static_shape(w, s.node), group)
+        )
+        return g.op(
             "Conv",
-            [s.g, g.array(_flipped_transposed(weight, group), w)],
+            [s.g, flipped],
             kernel_shape=kernel,
             dilations=dilations,
             group=group,
             pads=full_begins + full_ends,
         )
-        return (dx, None, None)
     # output_shape would be simpler, but onnxruntime mis-pads it when pads are asymmetric.
     out_padding = [
         size - ((o - 1) * st + e - b - p)
         for size, o, st, e, b, p in zip(xs[2:], ys[2:], strides, extents, begins, ends, strict=True)
     ]
-    dx = g.op(
+    return g.op(
         "ConvTranspose",
         [s.g, w],
         kernel_shape=kernel,
@@ -91,7 +112,6 @@ def conv(g: Emitter, s: Site):
         pads=begins + ends,
         output_padding=out_padding,
     )
-    return (dx, None, None)
 
 
 def _transpose_pads(attrs: dict, xs, ys, kernel, strides, dilations) -> tuple[list[int], list[int]]:
@@ -125,41 +145,64 @@ def conv_transpose(g: Emitter, s: Site):
     ys = g.static_shape(s.y, s.node)
     kernel, strides, dilations = _window(g, s, len(xs) - 2)
     begins, ends = _transpose_pads(s.attrs, xs, ys, kernel, strides, dilations)
-    dy = s.g
+    dy, dy_shape = s.g, list(ys)
     if min(ends) < 0:
         # output_padding past the cropped end: those rows saw no input, so drop them.
         spatial = list(range(2, len(xs)))
         stops = [ys[a] + min(e, 0) for a, e in zip(spatial, ends, strict=True)]
         dy = g.op("Slice", [dy, g.ints([0] * len(spatial)), g.ints(stops), g.ints(spatial)])
         ends = [max(e, 0) for e in ends]
-    dx = g.op(
-        "Conv",
-        [dy, w],
-        kernel_shape=kernel,
-        strides=strides,
-        dilations=dilations,
-        group=int(s.attrs.get("group", 1)),
-        pads=begins + ends,
-    )
-    return (dx, None, None)
+        dy_shape[2:] = stops
+    group = int(s.attrs.get("group", 1))
+    # ConvTranspose(x, W) is the adjoint of Conv(., W) from its output's shape to x's: so
+    # its input gradient is that Conv of dy, and W's gradient correlates dy with x.
+    dx = dw = db = None
+    if s.needs[0]:
+        dx = g.op(
+            "Conv",
+            [dy, w],
+            kernel_shape=kernel,
+            strides=strides,
+            dilations=dilations,
+            group=group,
+            pads=begins + ends,
+        )
+    if s.needs[1]:
+        pads = begins + ends
+        dw = conv_weight_grad(g, dy, dy_shape, g.fwd(x), kernel, strides, dilations, group, pads)
+    if s.input(2) and s.needs[2]:
+        db = channel_sum(g, s.g, len(ys))
+    return (dx, dw, db)
 
 
 @vjp("BatchNormalization")
 def batch_norm(g: Emitter, s: Site):
+    """Inference mode: y = x^ scale + bias, x^ = (x - mean) / sqrt(var + eps) per channel."""
     if int(s.attrs.get("training_mode", 0)):
         raise UnsupportedOpError(s.node, "training_mode=1 has no inference-mode gradient")
     rank = g.rank(s.x, s.node)
-    scale, var = s.node.input[1], s.node.input[4]
+    scale, mean, var = s.node.input[1], s.node.input[3], s.node.input[4]
     eps = float(s.attrs.get("epsilon", 1e-5))
-    values = g.value(scale), g.value(var)
-    if values[0] is not None and values[1] is not None:
-        factor = values[0] / np.sqrt(values[1].astype(np.float64) + eps)
-        factor_name = g.array(factor.reshape(-1, *[1] * (rank - 2)), s.x)
+    per_channel = [-1, *[1] * (rank - 2)]
+    if g.value(var) is not None:
+        inv_std = g.array((1.0 / np.sqrt(g.value(var).astype(np.float64) + eps)), s.x)
     else:
-        root = g.op("Sqrt", [g.op("Add", [var, g.scalar(eps, var)])])
-        flat = g.op("Div", [scale, root])
-        factor_name = g.op("Reshape", [flat, g.ints([-1, *[1] * (rank - 2)])])
-    return (g.mul(s.g, factor_name), None, None, None, None)
+        inv_std = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.scalar(eps, var)])])])
+    dx = dscale = dbias = None
+    if s.needs[0]:
+        if g.value(scale) is not None and g.value(var) is not None:
+            factor = g.value(scale) / np.sqrt(g.value(var).astype(np.float64) + eps)
+            factor_name = g.array(factor.reshape(per_channel), s.x)
+        else:
+            factor_name = g.op("Reshape", [g.mul(scale, inv_std), g.ints(per_channel)])
+        dx = g.mul(s.g, factor_name)
+    if s.needs[1]:
+        shift = g.op("Reshape", [mean, g.ints(per_channel)])
+        normed = g.mul(g.op("Sub", [s.x, shift]), g.op("Reshape", [inv_std, g.ints(per_channel)]))
+        dscale = channel_sum(g, g.times(s.g, normed, s.x, s.y), rank)
+    if s.needs[2]:
+        dbias = channel_sum(g, s.g, rank)
+    return (dx, dscale, dbias, None, None)
 
 
 @vjp("LayerNormalization")
@@ -185,7 +228,13 @@ def layer_norm(g: Emitter, s: Site):
     scaled = g.times(s.g, s.node.input[1], s.node.input[1], s.y)
     dot = mean(g.times(scaled, normed, s.x, s.y))
     inner = g.op("Sub", [g.op("Sub", [scaled, mean(scaled)]), g.mul(dot, g.tile_like(normed, s.x))])
-    return (g.times(inner, inv_sigma, s.x, s.y), None, None)
+    dx = g.times(inner, inv_sigma, s.x, s.y) if s.needs[0] else None
+    dscale = dbias = None
+    if s.needs[1]:
+        dscale = g.unbroadcast(g.times(s.g, normed, s.x, s.y), s.node.input[1], s.y, s.node)
+    if s.input(2) and s.needs[2]:
+        dbias = g.unbroadcast(s.g, s.node.input[2], s.y, s.node)
+    return (dx, dscale, dbias)
 
 
 def _swap_last(g: Emitter, name: str, rank: int) -> str:
