@@ -7,28 +7,12 @@ from pathlib import Path
 
 import click
 
-from onnxcut.cli.options import input_shape_option, model_argument
-
-
-def _floats(text: str | None, flag: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(
-            f"expected comma-separated numbers, got '{text}'", param_hint=flag
-        ) from None
-
-
-def _size(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"expected HxW, got '{text}'", param_hint="--size") from None
-    return [h, w]
+from onnxcut.cli.options import (
+    input_shape_option,
+    model_argument,
+    preprocess_options,
+    preprocess_overrides,
+)
 
 
 @click.command("attribute")
@@ -53,13 +37,7 @@ def _size(text: str | None) -> list[int] | None:
     type=click.Path(exists=True, dir_okay=False),
     help="File with one category name a line, in index order.",
 )
-@click.option("--preprocess", "preprocess_file", type=click.Path(), help="Preprocess JSON.")
-@click.option("--size", help="Resize images to HxW.")
-@click.option("--layout", type=click.Choice(["nchw", "nhwc"]))
-@click.option("--channels", type=click.Choice(["rgb", "bgr", "gray"]))
-@click.option("--scale", type=float)
-@click.option("--mean", help="a,b,c")
-@click.option("--std", help="a,b,c")
+@preprocess_options
 @click.option(
     "--top-k", type=int, help="Classify: the N most confident images per class (instead of --tau)."
 )
@@ -125,14 +103,7 @@ def attribute_cmd(
     out_path = Path(out)
     if not out_path.parent.is_dir():
         raise click.UsageError(f"{out}: folder '{out_path.parent}' does not exist")
-    overrides = {
-        "size": _size(size),
-        "layout": layout,
-        "channels": channels,
-        "scale": scale,
-        "mean": _floats(mean, "--mean"),
-        "std": _floats(std, "--std"),
-    }
+    overrides = preprocess_overrides(size, layout, channels, scale, mean, std)
     names = None
     if class_names:
         names = tuple(

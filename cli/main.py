@@ -16,6 +16,7 @@ from onnxcut.errors import OnnxcutError
 # verb -> "module:function"; modules load only when their verb runs, so --help stays fast.
 COMMANDS = {
     "attribute": "onnxcut.cli.attribute:attribute_cmd",
+    "distill": "onnxcut.cli.distill:distill_cmd",
     "inspect": "onnxcut.cli.inspect:inspect_cmd",
     "eval": "onnxcut.cli.eval:eval_cmd",
     "extract": "onnxcut.cli.extract:extract_cmd",

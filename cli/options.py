@@ -15,3 +15,54 @@ input_shape_option = click.option(
 
 def model_argument(f):
     return click.argument("model", type=click.Path(dir_okay=False, path_type=str))(f)
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated numbers, got '{text}'", param_hint=flag
+        ) from None
+
+
+def _size(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"expected HxW, got '{text}'", param_hint="--size") from None
+    return [h, w]
+
+
+_PREPROCESS = [
+    click.option("--preprocess", "preprocess_file", type=click.Path(), help="Preprocess JSON."),
+    click.option("--size", help="Resize images to HxW."),
+    click.option("--layout", type=click.Choice(["nchw", "nhwc"])),
+    click.option("--channels", type=click.Choice(["rgb", "bgr", "gray"])),
+    click.option("--scale", type=float),
+    click.option("--mean", help="a,b,c"),
+    click.option("--std", help="a,b,c"),
+]
+
+
+def preprocess_options(f):
+    """The image preprocessing flags; defaults come from the model's metadata."""
+    for option in reversed(_PREPROCESS):
+        f = option(f)
+    return f
+
+
+def preprocess_overrides(size, layout, channels, scale, mean, std) -> dict:
+    """The preprocessing flags as overrides for data.preprocess_from (None: not given)."""
+    return {
+        "size": _size(size),
+        "layout": layout,
+        "channels": channels,
+        "scale": scale,
+        "mean": _floats(mean, "--mean"),
+        "std": _floats(std, "--std"),
+    }

@@ -26,11 +26,13 @@ from onnxcut.errors import (
 from onnxcut.evaluation import EvalOptions, evaluate
 from onnxcut.grad import GradientSession, channel_sums, gradients
 from onnxcut.graph import GraphIndex, load, save
+from onnxcut.train import DistillOptions, distill
 
 __all__ = [
     "AttributeOptions",
     "ChannelGroup",
     "DataError",
+    "DistillOptions",
     "EvalOptions",
     "GradientSession",
     "GraphIndex",
@@ -47,6 +49,7 @@ __all__ = [
     "attribute",
     "build_groups",
     "channel_sums",
+    "distill",
     "evaluate",
     "extract",
     "gradients",

@@ -37,6 +37,10 @@ class OutputError(OnnxcutError):
     """An output path that cannot be written."""
 
 
+class TrainError(OnnxcutError):
+    """Training cannot go on: a diverged loss, a resume that does not match its run."""
+
+
 class UnsupportedOpError(OnnxcutError):
     """A node whose op a pass has no rule for."""
 

@@ -3,6 +3,8 @@
 digit_scenes/{split}/images/*.png  64x64 RGB scenes with 2-4 digits on a textured background
 digit_scenes/{split}/masks/*.png   same stem, uint8 labels: 0 = background, 1..10 = digit 0..9
 digits_cls/{split}/<digit>/*.png   32x32 RGB single digits in ImageFolder layout
+digit_scenes/unlabeled/*.png, digits_cls/unlabeled/*.png   images only, for label-free
+    distillation (`onnxcut distill`): drawn from the train pool with seeds of their own
 
 Train and val draw from disjoint halves of the sklearn digits, so val measures generalisation
 to unseen handwriting. Every image has its own seed, so output is byte-for-byte reproducible.
@@ -23,9 +25,10 @@ CLS_SIZE = 32
 # counted in 4 KiB filesystem blocks (du -sh).
 NUM_SCENES = {"train": 4000, "val": 160}
 CLS_PER_CLASS = {"train": 600, "val": 30}
+NUM_UNLABELED = 1000  # per dataset; --count changes it
 VAL_FRACTION = 0.35
 SPLIT_SEED = 1234
-SPLIT_SALT = {"train": 0, "val": 1}
+SPLIT_SALT = {"train": 0, "val": 1, "unlabeled": 2}
 # Z_FILTERED beats OpenCV's default RLE strategy by ~10% on these noisy images.
 PNG_FLAGS = [
     cv2.IMWRITE_PNG_COMPRESSION,
@@ -172,11 +175,29 @@ def write_cls(out: Path, split: str, digits: np.ndarray, labels: np.ndarray) -> 
             write_rgb(cls_dir / f"{i:05d}.png", img)
 
 
-def generate(out: Path, splits: list[str]) -> None:
+def write_unlabeled(out: Path, digits: np.ndarray, labels: np.ndarray, count: int) -> None:
+    """Scenes and single digits without masks or class folders, from the train pool."""
+    salt = SPLIT_SALT["unlabeled"]
+    scenes = out / "digit_scenes" / "unlabeled"
+    singles = out / "digits_cls" / "unlabeled"
+    scenes.mkdir(parents=True, exist_ok=True)
+    singles.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        img, _ = make_scene(np.random.default_rng([salt, 1, i]), digits, labels)
+        write_rgb(scenes / f"{i:05d}.png", img)
+        rng = np.random.default_rng([salt, 2, i])
+        write_rgb(singles / f"{i:05d}.png", make_cls_image(rng, digits[i % len(digits)]))
+
+
+def generate(out: Path, splits: list[str], count: int = NUM_UNLABELED) -> None:
     pools = split_digits()
     for split in splits:
+        if split == "unlabeled":
+            print(f"[make_data] unlabeled: {count} scenes and {count} digits -> {out}")
+            write_unlabeled(out, *pools["train"], count)
+            continue
         if split not in pools:
-            raise SystemExit(f"unknown split {split!r}; expected train and/or val")
+            raise SystemExit(f"unknown split {split!r}; expected train, val and/or unlabeled")
         digits, labels = pools[split]
         print(f"[make_data] {split}: {len(digits)} source digits -> {out}")
         write_scenes(out, split, digits, labels)
@@ -186,9 +207,14 @@ def generate(out: Path, splits: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "data")
-    parser.add_argument("--splits", default="train,val", help="comma-separated: train,val")
+    parser.add_argument(
+        "--splits", default="train,val", help="comma-separated: train,val,unlabeled"
+    )
+    parser.add_argument(
+        "--count", type=int, default=NUM_UNLABELED, help="images per unlabeled dataset"
+    )
     args = parser.parse_args(argv)
-    generate(args.out, [s for s in args.splits.split(",") if s])
+    generate(args.out, [s for s in args.splits.split(",") if s], args.count)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ graph allows.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ CHANNELWISE_CHAIN = frozenset(
     }
 )
 PROB_OPS = {"Softmax": "softmax", "Sigmoid": "sigmoid"}
+CATEGORIES_KEY = "onnxcut.categories"  # output -> original category of each channel
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,21 @@ def find_head(
     if probs not in ("softmax", "sigmoid", "identity"):
         raise ModelError(f"--probs '{probs}': use softmax, sigmoid or identity")
     return Head(output, score, axis, probs, k, rank == 4)
+
+
+def output_categories(model: ModelProto, head: Head) -> list[int] | None:
+    """Original category of each output channel, from `onnxcut.categories`, or None."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    if CATEGORIES_KEY not in meta:
+        return None
+    mapping = json.loads(meta[CATEGORIES_KEY])
+    cats = mapping.get(head.output)
+    if cats is None or len(cats) != head.n_categories:
+        raise DataError(
+            f"metadata {CATEGORIES_KEY} does not describe output '{head.output}' "
+            f"({head.n_categories} channels); re-extract the model"
+        )
+    return [int(c) for c in cats]
 
 
 def probabilities(scores: np.ndarray, head: Head, outputs: np.ndarray | None = None) -> np.ndarray:

@@ -8,7 +8,6 @@ sub-network's output channels map back to the original categories through the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
@@ -22,7 +21,13 @@ import numpy as np
 from onnx import ModelProto
 
 from onnxcut import data
-from onnxcut.attribution.probe import Head, find_head, resize_masks
+from onnxcut.attribution.probe import (
+    CATEGORIES_KEY,
+    Head,
+    find_head,
+    output_categories,
+    resize_masks,
+)
 from onnxcut.channels.inspection import summarize
 from onnxcut.errors import DataError
 from onnxcut.graph.io import load
@@ -30,8 +35,6 @@ from onnxcut.graph.shapes import default_batch_inplace, infer_shapes
 from onnxcut.runtime import session
 
 log = logging.getLogger(__name__)
-
-CATEGORIES_KEY = "onnxcut.categories"
 
 
 @dataclass(frozen=True)
@@ -46,21 +49,6 @@ class EvalOptions:
     latency_runs: int = 20
     class_names: tuple[str, ...] | None = None
     limit: int | None = None  # evaluate the first N images only
-
-
-def output_categories(model: ModelProto, head: Head) -> list[int] | None:
-    """Original category of each output channel, from `onnxcut.categories`, or None."""
-    meta = {p.key: p.value for p in model.metadata_props}
-    if CATEGORIES_KEY not in meta:
-        return None
-    mapping = json.loads(meta[CATEGORIES_KEY])
-    cats = mapping.get(head.output)
-    if cats is None or len(cats) != head.n_categories:
-        raise DataError(
-            f"metadata {CATEGORIES_KEY} does not describe output '{head.output}' "
-            f"({head.n_categories} channels); re-extract the model"
-        )
-    return [int(c) for c in cats]
 
 
 def _candidates(

@@ -1,0 +1,361 @@
+"""distill(): finish a sub-network against its original model, label-free, on the ONNX graph.
+
+The teacher's category output is restricted to the student's categories (read from the
+student's `onnxcut.categories` metadata), tempered and renormalised in the teacher's own
+session; the student learns it with the KL loss of `losses`, per pixel for segmentation and
+per image for classification. Label masks, where given, add a cross-entropy term.
+
+Images are visited in a seeded order per epoch, so a run resumed from its checkpoint gives
+the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import ModelProto, StringStringEntryProto, numpy_helper
+
+from onnxcut import data
+from onnxcut.attribution.probe import Head, find_head, output_categories, resize_masks
+from onnxcut.errors import DataError, ModelError, TrainError
+from onnxcut.graph.io import load
+from onnxcut.graph.shapes import dims, graph_inputs
+from onnxcut.runtime import session
+from onnxcut.train.graph import build
+from onnxcut.train.losses import LABEL_SCALE, LABELS, TARGET
+from onnxcut.train.optimizers import OPTIMIZERS, Optimizer
+from onnxcut.train.params import trainable
+from onnxcut.train.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+DISTILL_KEY = "onnxcut.distill"
+Progress = Callable[[int, int, float], None]  # steps done, steps in all, running loss
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    epochs: int = 1
+    lr: float = 1e-4
+    optimizer: str = "adam"
+    batch: int = 16
+    temperature: float = 1.0
+    seed: int = 0
+    freeze: tuple[str, ...] = ()  # glob patterns over initializer and node names
+    freeze_ops: tuple[str, ...] = ()
+    masks: str | None = None  # label masks mixed in (segmentation)
+    label_weight: float = 0.5
+    val: str | None = None  # report agreement with the teacher after each epoch
+    checkpoint_every: int = 50  # steps
+    provider: str = "cpu"
+    threads: int | None = None
+    preprocess_file: str | None = None
+    preprocess: Mapping[str, Any] = field(default_factory=dict)
+    input_shapes: Mapping[str, Sequence[int]] | None = None
+
+    def check(self) -> None:
+        if not self.lr > 0:
+            raise DataError(f"--lr {self.lr}: the learning rate must be above 0")
+        if self.epochs < 1 or self.batch < 1 or self.checkpoint_every < 1:
+            raise DataError("--epochs, --batch and the checkpoint interval must be at least 1")
+        if not self.temperature > 0:
+            raise DataError(f"--temperature {self.temperature}: must be above 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise DataError(f"optimizer '{self.optimizer}': use {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.label_weight <= 1:
+            raise DataError(f"--label-weight {self.label_weight}: must lie in [0, 1]")
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    loss: float  # mean over the epoch's steps
+    images: int
+    agreement: float | None = None  # with the teacher on --val
+
+
+def distill(
+    student: str | os.PathLike[str] | ModelProto,
+    teacher: str | os.PathLike[str] | ModelProto,
+    images: str | os.PathLike[str],
+    options: DistillOptions | None = None,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+) -> ModelProto:
+    """Train `student` to match `teacher` on the images under `images`; return the student
+    with new weights and `onnxcut.distill` metadata."""
+    opts = options or DistillOptions()
+    opts.check()
+    s = load(student, opts.input_shapes)
+    t = load(teacher, opts.input_shapes)
+    _check_inputs(s, t, student, teacher)
+    head = find_head(s)
+    mapping = _category_map(s, head, t, find_head(t))
+    pre = data.fit_to_model(data.preprocess_from(s, opts.preprocess_file, opts.preprocess), s)
+    paths = data.list_images(images)
+    masks = _mask_reader(opts, head, mapping, images) if opts.masks else None
+    params = trainable(s, opts.freeze, opts.freeze_ops)
+    if not params:
+        raise ModelError(
+            "every parameter is frozen (or none is a weight); drop some --freeze patterns"
+        )
+    optimizer = Optimizer(opts.optimizer, opts.lr)
+    graph = build(
+        s,
+        head.score,
+        head.axis,
+        params,
+        kind=_loss_kind(s, head),
+        temperature=opts.temperature,
+        optimizer=optimizer,
+        labels=masks is not None,
+    )
+    from onnxcut.train.trainer import Trainer  # imports onnxruntime
+
+    initial = {i.name: numpy_helper.to_array(i) for i in s.graph.initializer if i.name in params}
+    trainer = Trainer(graph, initial, optimizer, provider=opts.provider, threads=opts.threads)
+    target = Teacher(
+        t,
+        mapping.positions,
+        _loss_kind(s, head),
+        opts.temperature,
+        weight=1.0 - opts.label_weight if masks is not None else 1.0,
+        provider=opts.provider,
+        threads=opts.threads,
+    )
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    fingerprint = _fingerprint(s, t, opts, paths)
+    start = 0
+    if resume and ckpt is not None and ckpt.is_file():
+        meta = trainer.restore(ckpt)
+        if meta.get("fingerprint") != fingerprint:
+            raise TrainError(
+                f"{ckpt}: the checkpoint is from another student, teacher, data or options; "
+                "delete it or drop --resume"
+            )
+        start = trainer.step_count
+    steps_per_epoch = -(-len(paths) // opts.batch)
+    total = steps_per_epoch * opts.epochs
+    losses: list[float] = []
+    reports: list[EpochReport] = []
+    step = start
+    for epoch in range(start // steps_per_epoch, opts.epochs):
+        epoch_losses: list[float] = []
+        seen = 0
+        skip = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
+        for batch in _epoch_batches(paths, pre, opts, epoch, skip):
+            feeds = {graph.data: batch.inputs, **target.feeds(batch.inputs)}
+            if masks is not None:
+                feeds.update(masks(batch, feeds[TARGET]))
+            try:
+                loss = trainer.step(feeds)
+            except TrainError as e:
+                raise TrainError(f"{e} (epoch {epoch + 1}); {_kept(ckpt, trainer)}") from None
+            step += 1
+            seen += len(batch.paths)
+            epoch_losses.append(loss)
+            if progress is not None:
+                progress(step, total, float(np.mean(epoch_losses)))
+            if ckpt is not None and step % opts.checkpoint_every == 0:
+                trainer.save(ckpt, {"fingerprint": fingerprint})
+        losses = epoch_losses or losses
+        report = EpochReport(epoch + 1, float(np.mean(epoch_losses or [np.nan])), seen)
+        if opts.val:
+            current = _with_weights(s, trainer.parameters())
+            report.agreement = agreement(current, t, mapping.positions, opts.val, opts)
+        reports.append(report)
+        if on_epoch is not None:
+            on_epoch(report)
+        if ckpt is not None:
+            trainer.save(ckpt, {"fingerprint": fingerprint})
+    result = _with_weights(s, trainer.parameters())
+    _record(result, opts, reports, len(paths), float(np.mean(losses)) if losses else None)
+    return result
+
+
+@dataclass(frozen=True)
+class CategoryMap:
+    positions: list[int]  # teacher output channel of each student output channel
+    categories: list[int]  # original category of each student output channel
+
+
+def _category_map(s: ModelProto, sh: Head, t: ModelProto, th: Head) -> CategoryMap:
+    if sh.spatial != th.spatial:
+        raise ModelError(
+            "the student and the teacher solve different tasks (one segments, one classifies)"
+        )
+    student_cats = output_categories(s, sh)
+    teacher_cats = output_categories(t, th) or list(range(th.n_categories))
+    if student_cats is None:
+        if sh.n_categories != th.n_categories:
+            raise ModelError(
+                f"the student outputs {sh.n_categories} categories, the teacher "
+                f"{th.n_categories}, and the student has no onnxcut.categories metadata to map "
+                "them; make the student with onnxcut extract"
+            )
+        student_cats = list(teacher_cats)
+    missing = [c for c in student_cats if c not in teacher_cats]
+    if missing:
+        raise ModelError(
+            f"student categories {missing} are not among the teacher's outputs "
+            f"({teacher_cats}); pass the model the student was cut from as --teacher"
+        )
+    return CategoryMap([teacher_cats.index(c) for c in student_cats], list(student_cats))
+
+
+def _check_inputs(s: ModelProto, t: ModelProto, student, teacher) -> None:
+    si, ti = graph_inputs(s), graph_inputs(t)
+    if len(si) != 1 or len(ti) != 1:
+        raise ModelError(
+            f"distill needs one image input; the student has {len(si)}, the teacher {len(ti)}"
+        )
+    a, b = dims(si[0]) or [], dims(ti[0]) or []
+    if len(a) != len(b) or any(x != y for x, y in zip(a[1:], b[1:], strict=False)):
+        raise ModelError(
+            f"the inputs differ: student '{si[0].name}' is {'x'.join(map(str, a))}, teacher "
+            f"'{ti[0].name}' is {'x'.join(map(str, b))}; distill a student cut from the teacher"
+        )
+    sp = {p.key: p.value for p in s.metadata_props}.get(data.PREPROCESS_KEY)
+    tp = {p.key: p.value for p in t.metadata_props}.get(data.PREPROCESS_KEY)
+    if sp and tp and json.loads(sp) != json.loads(tp):
+        raise ModelError(
+            f"the student ({student}) and the teacher ({teacher}) record different "
+            f"{data.PREPROCESS_KEY}; they must read images alike"
+        )
+
+
+def _loss_kind(model: ModelProto, head: Head) -> str:
+    producer = {o: n for n in model.graph.node for o in n.output}.get(head.output)
+    sigmoid = producer is not None and producer.op_type == "Sigmoid"
+    return (
+        "sigmoid"
+        if sigmoid or (head.score == head.output and head.n_categories == 1)
+        else "softmax"
+    )
+
+
+def _epoch_batches(
+    paths: Sequence[Path], pre: data.Preprocess, opts: DistillOptions, epoch: int, skip: int
+) -> Iterator[data.Batch]:
+    order = np.random.default_rng([opts.seed, epoch]).permutation(len(paths))
+    ordered = [paths[i] for i in order[skip * opts.batch :]]
+    yield from data.batches(ordered, pre, opts.batch)
+
+
+def _kept(ckpt: Path | None, trainer) -> str:
+    if ckpt is not None and ckpt.is_file():
+        with np.load(ckpt, allow_pickle=False) as f:
+            step = json.loads(str(f["meta"]))["step"]
+        return f"the last good checkpoint is {ckpt} (step {step}); lower --lr and --resume"
+    return "no checkpoint was written yet; lower --lr and run again"
+
+
+def _fingerprint(s: ModelProto, t: ModelProto, opts: DistillOptions, paths) -> str:
+    h = hashlib.sha256()
+    for m in (s, t):
+        h.update(hashlib.sha256(m.SerializeToString()).digest())
+    fields = dataclasses.asdict(opts)
+    for key in ("val", "checkpoint_every", "provider", "threads", "epochs"):
+        fields.pop(key)
+    h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    h.update("\n".join(map(str, paths)).encode())
+    return h.hexdigest()
+
+
+def _with_weights(model: ModelProto, weights: Mapping[str, np.ndarray]) -> ModelProto:
+    out = ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(weights[init.name].astype(np.float32), init.name))
+    return out
+
+
+def _record(model: ModelProto, opts, reports: list[EpochReport], images: int, loss) -> None:
+    info = {
+        "epochs": opts.epochs,
+        "images": images,
+        "batch": opts.batch,
+        "lr": opts.lr,
+        "optimizer": opts.optimizer,
+        "temperature": opts.temperature,
+        "labels": bool(opts.masks),
+        "final_loss": loss,
+        "agreement": [r.agreement for r in reports] if opts.val else None,
+    }
+    props = [p for p in model.metadata_props if p.key != DISTILL_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    model.metadata_props.append(StringStringEntryProto(key=DISTILL_KEY, value=json.dumps(info)))
+
+
+def agreement(
+    student: ModelProto,
+    teacher: ModelProto,
+    positions: Sequence[int],
+    images: str | os.PathLike[str],
+    opts: DistillOptions,
+) -> float:
+    """Share of pixels (segmentation) or images (classification) where the student's argmax
+    equals the teacher's argmax over the student's categories."""
+    sh, th = find_head(student), find_head(teacher)
+    pre = data.fit_to_model(
+        data.preprocess_from(student, opts.preprocess_file, opts.preprocess), student
+    )
+    ss = session(student, opts.provider, opts.threads)
+    ts = session(teacher, opts.provider, opts.threads)
+    si, ti = ss.get_inputs()[0].name, ts.get_inputs()[0].name
+    same = count = 0
+    index = np.asarray(positions)
+    for batch in data.batches(data.list_images(images), pre, 1):
+        (so,) = ss.run([sh.output], {si: batch.inputs})
+        (to,) = ts.run([th.output], {ti: batch.inputs})
+        sa = so.argmax(axis=sh.axis)
+        ta = np.take(to, index, axis=th.axis).argmax(axis=th.axis)
+        same += int((sa == ta).sum())
+        count += sa.size
+    return same / max(count, 1)
+
+
+def _mask_reader(opts: DistillOptions, head: Head, mapping: CategoryMap, images) -> Callable:
+    """Return (batch, target) -> {labels, label_scale}: one-hot label maps over the student's
+    outputs. Labels of categories the student dropped count as background (category 0)
+    where it kept one, as in the category-customised task; 255 is unlabeled."""
+    if not head.spatial:
+        raise DataError("--masks needs a segmentation student; classifiers learn from the teacher")
+    mask_dir, root = Path(opts.masks), Path(images)
+    if not mask_dir.is_dir():
+        raise DataError(f"{mask_dir}: not a folder of label masks; check --masks")
+    cats = mapping.categories
+    lookup = np.full(256, cats.index(0) if 0 in cats else -1, np.int64)
+    lookup[cats] = np.arange(len(cats))
+    lookup[data.IGNORE_LABEL] = -1
+
+    def read(batch: data.Batch, target: np.ndarray) -> dict[str, np.ndarray]:
+        axis, k = head.axis, target.shape[head.axis]
+        size = tuple(target.shape[2:] if axis == 1 else target.shape[1:3])
+        labels = np.full((len(batch.paths), *size), -1, np.int64)
+        for i, (path, shape) in enumerate(zip(batch.paths, batch.sizes, strict=True)):
+            found = data.mask_path(mask_dir, path, root)
+            if found is not None:
+                labels[i] = lookup[resize_masks(data.read_mask(found, shape, 256), size)]
+        onehot = (labels[..., None] == np.arange(k)).astype(np.float32)  # (N, h, w, K)
+        if axis == 1:
+            onehot = np.ascontiguousarray(onehot.transpose(0, 3, 1, 2))
+        labelled = int((labels >= 0).sum())
+        scale = opts.label_weight / labelled if labelled else 0.0
+        return {LABELS: onehot, LABEL_SCALE: np.float32(scale)}
+
+    return read

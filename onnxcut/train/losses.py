@@ -1,0 +1,84 @@
+"""Distillation losses: the loss value and its gradient w.r.t. the student's logits, as ONNX
+ops, one entry a kind of category head.
+
+Every loss reads the student logits z, the teacher's target p (already restricted to the
+student's categories, tempered and normalised) and a fed scalar `scale`, T / positions, so
+the last, smaller batch of an epoch weighs each position as the others do:
+    softmax  L = T^2 / n sum p (log p - log softmax(z / T))    dL/dz = scale (softmax(z/T) - p)
+    sigmoid  L = T^2 / n sum BCE(sigmoid(z / T), p)            dL/dz = scale (sigmoid(z/T) - p)
+With labels (softmax heads), r is the one-hot label map, zero where unlabeled, and
+`label_scale` = weight / labelled positions:
+    L += -label_scale sum r log softmax(z)        dL/dz += label_scale (softmax(z) sum_k r - r)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from onnxcut.train.builder import PREFIX, Builder
+
+TARGET = PREFIX + "target"
+SCALE = PREFIX + "scale"
+LABELS = PREFIX + "labels"
+LABEL_SCALE = PREFIX + "label_scale"
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    loss: str  # scalar
+    seed: str  # dL/dz, shaped like z
+
+
+LossFn = Callable[[Builder, str, int, float], LossTerms]
+LOSSES: dict[str, LossFn] = {}
+
+
+def loss(kind: str) -> Callable[[LossFn], LossFn]:
+    def register(fn: LossFn) -> LossFn:
+        assert kind not in LOSSES, f"duplicate loss {kind}"
+        LOSSES[kind] = fn
+        return fn
+
+    return register
+
+
+def _total(b: Builder, per_position: str, factor: str) -> str:
+    return b.op("Mul", [b.op("ReduceSum", [per_position], keepdims=0), factor])
+
+
+@loss("softmax")
+def softmax_kl(b: Builder, z: str, axis: int, temperature: float) -> LossTerms:
+    tempered = b.op("Div", [z, b.scalar(temperature)])
+    q = b.op("Softmax", [tempered], axis=axis)
+    log_q = b.op("LogSoftmax", [tempered], axis=axis)
+    # p log p, with 0 log 0 = 0: p is floored inside the log only.
+    log_p = b.op("Log", [b.op("Max", [TARGET, b.scalar(1e-30)])])
+    kl = b.op("Mul", [TARGET, b.op("Sub", [log_p, log_q])])
+    factor = b.op("Mul", [SCALE, b.scalar(temperature)])
+    seed = b.op("Mul", [b.op("Sub", [q, TARGET]), SCALE])
+    return LossTerms(_total(b, kl, factor), seed)
+
+
+@loss("sigmoid")
+def sigmoid_bce(b: Builder, z: str, axis: int, temperature: float) -> LossTerms:
+    tempered = b.op("Div", [z, b.scalar(temperature)])
+    q = b.op("Sigmoid", [tempered])
+    # BCE = softplus(t) - p t, stable for large |t|.
+    bce = b.op("Sub", [b.op("Softplus", [tempered]), b.op("Mul", [TARGET, tempered])])
+    factor = b.op("Mul", [SCALE, b.scalar(temperature)])
+    seed = b.op("Mul", [b.op("Sub", [q, TARGET]), SCALE])
+    return LossTerms(_total(b, bce, factor), seed)
+
+
+def with_labels(b: Builder, terms: LossTerms, z: str, axis: int) -> LossTerms:
+    """Add the label cross-entropy (softmax heads) to a distillation loss."""
+    q = b.op("Softmax", [z], axis=axis)
+    log_q = b.op("LogSoftmax", [z], axis=axis)
+    labelled = b.op("ReduceSum", [LABELS, b.ints([axis])], keepdims=1)
+    ce = b.op("Neg", [b.op("Mul", [LABELS, log_q])])
+    seed = b.op("Mul", [b.op("Sub", [b.op("Mul", [q, labelled]), LABELS]), LABEL_SCALE])
+    return LossTerms(
+        b.op("Add", [terms.loss, _total(b, ce, LABEL_SCALE)]),
+        b.op("Add", [terms.seed, seed]),
+    )

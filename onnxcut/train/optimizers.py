@@ -1,0 +1,75 @@
+"""Optimizer steps as ONNX ops, one entry an optimizer, so an update never leaves the
+execution provider: each reads a parameter, its gradient and its state, and gives them new.
+
+Per-step scalars (learning rate, Adam's bias corrections) are fed, not baked in:
+    adam  m' = b1 m + (1 - b1) g;  v' = b2 v + (1 - b2) g^2
+          p' = p - (lr / (1 - b1^t)) m' / (sqrt(v') / sqrt(1 - b2^t) + eps)     (PyTorch's Adam)
+    sgd   u' = mu u + g;  p' = p - lr u'                               (PyTorch's SGD, momentum)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from onnxcut.train.builder import PREFIX, Builder
+
+LR = PREFIX + "lr"
+CORRECTION = PREFIX + "correction"  # adam: 1 / sqrt(1 - b2^t)
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    name: str = "adam"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9
+
+    @property
+    def states(self) -> tuple[str, ...]:
+        return OPTIMIZERS[self.name].states
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """Fed scalars for 1-based step `step`."""
+        if self.name == "adam":
+            b1, b2 = self.betas
+            return {LR: self.lr / (1 - b1**step), CORRECTION: 1 / math.sqrt(1 - b2**step)}
+        return {LR: self.lr}
+
+
+@dataclass(frozen=True)
+class Rule:
+    states: tuple[str, ...]
+    emit: Callable[[Builder, Optimizer, str, str, dict[str, str], str, dict[str, str]], None]
+
+
+def _adam(b: Builder, o: Optimizer, p: str, g: str, state, new_p: str, new_state) -> None:
+    b1, b2 = o.betas
+    m = b.op(
+        "Add",
+        [b.op("Mul", [state["m"], b.scalar(b1)]), b.op("Mul", [g, b.scalar(1 - b1)])],
+        new_state["m"],
+    )
+    v = b.op(
+        "Add",
+        [
+            b.op("Mul", [state["v"], b.scalar(b2)]),
+            b.op("Mul", [b.op("Mul", [g, g]), b.scalar(1 - b2)]),
+        ],
+        new_state["v"],
+    )
+    denom = b.op("Add", [b.op("Mul", [b.op("Sqrt", [v]), CORRECTION]), b.scalar(o.eps)])
+    b.op("Sub", [p, b.op("Mul", [b.op("Div", [m, denom]), LR])], new_p)
+
+
+def _sgd(b: Builder, o: Optimizer, p: str, g: str, state, new_p: str, new_state) -> None:
+    u = b.op("Add", [b.op("Mul", [state["u"], b.scalar(o.momentum)]), g], new_state["u"])
+    b.op("Sub", [p, b.op("Mul", [u, LR])], new_p)
+
+
+OPTIMIZERS: dict[str, Rule] = {
+    "adam": Rule(("m", "v"), _adam),
+    "sgd": Rule(("u",), _sgd),
+}

@@ -1,0 +1,344 @@
+"""ONNX-native training: trainable weights, the training graph's gradients and optimizer
+steps, and distill (determinism, resume, errors) on sample models and built nets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from onnxcut.channels.surgery import extract
+from onnxcut.cli.main import cli
+from onnxcut.errors import DataError, ModelError, TrainError, UnsupportedOpError
+from onnxcut.graph.io import load, save
+from onnxcut.runtime import session
+from onnxcut.train import DistillOptions, Optimizer, build, distill, trainable
+from onnxcut.train.distill import DISTILL_KEY
+from onnxcut.train.graph import LOSS, updated
+from onnxcut.train.losses import SCALE, TARGET
+from onnxcut.train.optimizers import CORRECTION, LR
+
+from conftest import ROOT, conv_bn_net, sample_model
+from netbuilder import NetBuilder
+
+SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val"
+SEG = "deeplab_digits"
+
+
+def seg_net() -> onnx.ModelProto:
+    """conv-bn-prelu, a spelled hard-swish, a stride-2 conv, a folded-BN Mul/Add, upsample,
+    3-category head: the weight kinds of PyTorch and Paddle exports."""
+    b = NetBuilder((1, 3, 8, 8), seed=4)
+    x = b.prelu(b.bn(b.conv(b.input, 4)))
+    x = b.hardswish_spelled(b.conv(x, 6, stride=2))
+    x = b.channel_const("Add", b.channel_const("Mul", x))
+    x = b.resize(x)
+    return b.build([b.conv(x, 3, k=1)])
+
+
+def test_trainable_picks_weights_not_statistics_or_scalars():
+    model = load(seg_net())
+    names = trainable(model)
+    ops = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in names:
+                ops.setdefault(node.op_type, set()).add(i)
+    assert ops == {
+        "Conv": {1, 2},
+        "BatchNormalization": {1, 2},
+        "PRelu": {1},
+        "Mul": {1},
+        "Add": {1},
+    }
+    frozen = trainable(model, freeze_ops=("BatchNormalization",), freeze=("conv_1*",))
+    assert not set(frozen) & {
+        n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (1, 2)
+    }
+    assert len(frozen) == len(names) - 4  # BN scale and bias, conv_1's weight and bias
+
+
+def _softmax(z: np.ndarray, axis: int = 1) -> np.ndarray:
+    e = np.exp(z - z.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def test_training_graph_gradients_match_finite_differences():
+    """One SGD step with lr 1 and no momentum gives p - dL/dp; check dL/dp by central
+    differences of the graph's own loss, for every parameter kind."""
+    model = load(seg_net())
+    params = trainable(model)
+    opt = Optimizer("sgd", lr=1.0, momentum=0.0)
+    out = model.graph.output[0].name
+    graph = build(model, out, 1, params, temperature=2.0, optimizer=opt)
+    sess = session(graph.model, optimize=False)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    target = _softmax(rng.standard_normal((2, 3, 8, 8)).astype(np.float32) * 2)
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    feeds = {
+        graph.data: x,
+        TARGET: target,
+        SCALE: np.array(2.0 / (2 * 8 * 8), np.float32),
+        LR: np.array(1.0, np.float32),
+        **{p: values[p] for p in params},
+        **{s: np.zeros_like(values[s.split("/", 2)[2]]) for s in graph.states},
+    }
+
+    def loss(p: str, v: np.ndarray) -> float:
+        return float(sess.run([LOSS], {**feeds, p: v})[0])
+
+    outs = sess.run([updated(p) for p in params], feeds)
+    for p, new in zip(params, outs, strict=True):
+        grad = values[p] - new
+        for i in list(np.ndindex(values[p].shape))[:: max(1, values[p].size // 6)]:
+            up, down = values[p].copy(), values[p].copy()
+            up[i] += 2e-3
+            down[i] -= 2e-3
+            want = (loss(p, up) - loss(p, down)) / 4e-3
+            assert abs(grad[i] - want) <= 2e-3 + 2e-2 * abs(want), (p, i, grad[i], want)
+
+
+def test_adam_step_is_pytorch_adam():
+    """After one step Adam moves each weight by lr * g / (|g| + eps) against its gradient."""
+    model = load(conv_bn_net())
+    params = trainable(model)
+    out = model.graph.output[0].name
+    sgd = build(model, out, 1, params, optimizer=Optimizer("sgd", lr=1.0, momentum=0.0))
+    adam = build(model, out, 1, params, optimizer=Optimizer("adam", lr=1e-3))
+    rng = np.random.default_rng(1)
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    base = {
+        sgd.data: rng.standard_normal((2, 3, 16, 16)).astype(np.float32),
+        TARGET: _softmax(rng.standard_normal((2, 10)).astype(np.float32)),
+        SCALE: np.array(0.5, np.float32),
+        **{p: values[p] for p in params},
+    }
+
+    def zeros(graph) -> dict[str, np.ndarray]:
+        return {s: np.zeros_like(values[s.split("/", 2)[2]]) for s in graph.states}
+
+    grads = session(sgd.model).run(
+        [updated(p) for p in params], {**base, **zeros(sgd), LR: np.array(1.0, np.float32)}
+    )
+    scalars = Optimizer("adam", lr=1e-3).scalars(1)
+    stepped = session(adam.model).run(
+        [updated(p) for p in params],
+        {**base, **zeros(adam), **{k: np.array(v, np.float32) for k, v in scalars.items()}},
+    )
+    assert set(scalars) == {LR, CORRECTION}
+    for p, g_new, a_new in zip(params, grads, stepped, strict=True):
+        g = values[p] - g_new
+        want = values[p] - 1e-3 * g / (np.abs(g) + 1e-8)
+        np.testing.assert_allclose(a_new, want, rtol=1e-4, atol=1e-6, err_msg=p)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    for path in sorted((SCENES / "images").glob("*.png"))[:24]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    """deeplab_digits cut to background, 3 and 5 (labels 4 and 6), half its first layer."""
+    model = load(sample_model(SEG))
+    out = model.graph.output[0].name
+    first = next(n for n in model.graph.node if n.op_type == "Conv")
+    plan = {
+        "format": "onnxcut.plan/1",
+        "keep": {
+            first.name: list(range(0, numpy_helper.to_array(_init(model, first)).shape[0], 2))
+        },
+        "outputs": {out: {"axis": 1, "keep": [0, 4, 6]}},
+    }
+    path = tmp_path_factory.mktemp("student") / "student.onnx"
+    save(extract(model, plan), path)
+    return path
+
+
+def _init(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.TensorProto:
+    return next(i for i in model.graph.initializer if i.name == node.input[1])
+
+
+def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+OPTS = DistillOptions(batch=8, lr=1e-3, checkpoint_every=1, threads=1)
+
+
+def test_distill_lowers_the_loss_and_records_metadata(student: Path, images: Path):
+    reports = []
+    out = distill(
+        student,
+        sample_model(SEG),
+        images,
+        DistillOptions(batch=8, lr=1e-3, epochs=3, threads=1, val=str(images)),
+        on_epoch=reports.append,
+    )
+    assert [r.epoch for r in reports] == [1, 2, 3]
+    assert reports[-1].loss < reports[0].loss
+    assert all(r.agreement is not None and 0 <= r.agreement <= 1 for r in reports)
+    meta = json.loads({p.key: p.value for p in out.metadata_props}[DISTILL_KEY])
+    assert meta["epochs"] == 3 and meta["images"] == 24 and meta["final_loss"] > 0
+    before, after = _weights(load(student)), _weights(out)
+    assert before.keys() == after.keys()
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    assert [o.name for o in out.graph.output] == [o.name for o in load(student).graph.output]
+
+
+def test_distill_is_deterministic_and_resume_gives_the_same_weights(
+    student: Path, images: Path, tmp_path: Path, monkeypatch
+):
+    plain = _weights(distill(student, sample_model(SEG), images, OPTS))
+    again = _weights(distill(student, sample_model(SEG), images, OPTS))
+    for k in plain:
+        np.testing.assert_array_equal(plain[k], again[k])
+
+    from onnxcut.train.trainer import Trainer
+
+    real = Trainer.step
+    calls = {"n": 0}
+
+    def dying(self, feeds):
+        calls["n"] += 1
+        if calls["n"] == 3:  # killed during the third step
+            raise KeyboardInterrupt
+        return real(self, feeds)
+
+    ckpt = tmp_path / "run.partial"
+    monkeypatch.setattr(Trainer, "step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        distill(student, sample_model(SEG), images, OPTS, checkpoint=ckpt)
+    monkeypatch.setattr(Trainer, "step", real)
+    resumed = _weights(
+        distill(student, sample_model(SEG), images, OPTS, checkpoint=ckpt, resume=True)
+    )
+    for k in plain:
+        np.testing.assert_array_equal(resumed[k], plain[k], err_msg=k)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(student: Path, images: Path, tmp_path):
+    ckpt = tmp_path / "run.partial"
+    distill(student, sample_model(SEG), images, OPTS, checkpoint=ckpt)
+    other = DistillOptions(batch=8, lr=5e-4, checkpoint_every=1, threads=1)
+    with pytest.raises(TrainError, match="another student, teacher, data or options"):
+        distill(student, sample_model(SEG), images, other, checkpoint=ckpt, resume=True)
+
+
+def test_label_masks_mix_in(student: Path, images: Path):
+    opts = DistillOptions(batch=8, lr=1e-3, threads=1, masks=str(SCENES / "masks"))
+    out = distill(student, sample_model(SEG), images, opts)
+    meta = json.loads({p.key: p.value for p in out.metadata_props}[DISTILL_KEY])
+    assert meta["labels"] is True and meta["final_loss"] > 0
+
+
+def test_diverging_loss_stops_and_names_the_step(student: Path, images: Path, tmp_path: Path):
+    ckpt = tmp_path / "run.partial"
+    opts = DistillOptions(batch=8, lr=1e12, optimizer="sgd", checkpoint_every=1, threads=1)
+    with pytest.raises(TrainError, match=r"at step \d+ \(epoch 1\).*run.partial \(step \d+\)"):
+        distill(student, sample_model(SEG), images, opts, checkpoint=ckpt)
+    with np.load(ckpt) as f:  # the kept checkpoint holds finite weights
+        assert all(np.isfinite(f[k]).all() for k in f.files if k.startswith("value/"))
+
+
+def test_classifier_distills_per_image(tmp_path: Path):
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for path in sorted((ROOT / "samples/data/digits_cls/val").glob("*/*.png"))[::20]:
+        shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
+    model = load(sample_model("resnet_digits_cls"))
+    out = model.graph.output[0].name
+    sub = extract(
+        model,
+        {"format": "onnxcut.plan/1", "keep": {}, "outputs": {out: {"axis": 1, "keep": [4, 6]}}},
+    )
+    result = distill(
+        sub, model, folder, DistillOptions(batch=4, lr=1e-3, threads=1, val=str(folder))
+    )
+    assert json.loads({p.key: p.value for p in result.metadata_props}[DISTILL_KEY])["agreement"]
+
+
+def _bad(student, teacher, images, **kw):
+    return lambda: distill(student, teacher, images, DistillOptions(threads=1, **kw))
+
+
+def test_bad_inputs_raise_user_errors(student: Path, images: Path, tmp_path: Path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    teacher = sample_model(SEG)
+    with pytest.raises(DataError, match="learning rate must be above 0"):
+        _bad(student, teacher, images, lr=0.0)()
+    with pytest.raises(DataError, match="no images"):
+        _bad(student, teacher, empty)()
+    with pytest.raises(ModelError, match="inputs differ"):
+        _bad(student, sample_model("resnet_digits_cls"), images)()
+    cut = load(teacher)
+    out = cut.graph.output[0].name
+    other = extract(
+        cut, {"format": "onnxcut.plan/1", "keep": {}, "outputs": {out: {"axis": 1, "keep": [0, 1]}}}
+    )
+    with pytest.raises(ModelError, match=r"student categories \[4, 6\] are not among"):
+        _bad(student, other, images)()
+
+
+def test_op_without_a_rule_on_a_trained_path_names_node_and_freeze(tmp_path: Path):
+    b = NetBuilder((1, 3, 8, 8), seed=2)
+    first = b.conv(b.input, 4)
+    model = load(b.build([b.conv(b.relu(b.instance_norm(first)), 3, k=1)]))
+    out = model.graph.output[0].name
+    with pytest.raises(
+        UnsupportedOpError,
+        match=r"\(InstanceNormalization\): no VJP rule on a trained path; freeze.*--freeze",
+    ):
+        build(model, out, 1, trainable(model))
+    node = model.graph.node[0].name
+    assert build(model, out, 1, trainable(model, freeze=(node,))).params
+
+
+def test_cli_distill_writes_the_model_and_errors_are_one_line(
+    student: Path, images: Path, tmp_path: Path
+):
+    out = tmp_path / "out.onnx"
+    args = ["distill", str(student), "--teacher", str(sample_model(SEG)), "--data", str(images)]
+    result = CliRunner().invoke(cli, [*args, "-o", str(out), "--batch", "8", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert out.exists() and not (tmp_path / "out.onnx.partial").exists()
+    assert DISTILL_KEY in {p.key for p in onnx.load(out).metadata_props}
+    for extra, text in [
+        (["--lr", "-1"], "learning rate must be above 0"),
+        (["--data", str(tmp_path / "nowhere")], "not a folder of images"),
+    ]:
+        bad = tmp_path / "bad.onnx"
+        result = CliRunner().invoke(cli, [*args, "-o", str(bad), *extra])
+        assert result.exit_code == 2, result.output
+        assert text in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert not bad.exists()
+
+
+def test_distill_memory_is_flat_in_the_number_of_images(student: Path, tmp_path: Path):
+    """Python-side peak memory (numpy included) does not grow with the image count."""
+    import tracemalloc
+
+    source = sorted((SCENES / "images").glob("*.png"))[:4]
+    peaks = {}
+    for n in (8, 40):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        for i in range(n):
+            shutil.copy(source[i % len(source)], folder / f"{i:03d}.png")
+        tracemalloc.start()
+        distill(student, sample_model(SEG), folder, DistillOptions(batch=4, threads=1))
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[40] < 1.25 * peaks[8], peaks
