@@ -11,6 +11,11 @@ same task. Baselines keep exactly the plan's per-group channel counts:
               the plan's counts filled with the top channels by that attribution score alone,
               summed over the chosen categories (and background for segmenters)
 
+    disassembler + distill
+              the plan's sub-network after one epoch of label-free `onnxcut distill` against
+              the original, on the 1,000-image unlabeled split (`make_data.py --splits
+              unlabeled`, made on demand); `--no-distill` skips it
+
 Also an alpha=beta and tau sweep for one model and subset (`--sweep MODEL:SIZE`).
 `quality_explore.py` digs into why: per-layer and per-channel sensitivity, other budgets.
 
@@ -20,6 +25,7 @@ Also an alpha=beta and tau sweep for one model and subset (`--sweep MODEL:SIZE`)
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -35,6 +41,7 @@ from onnxcut.channels.surgery import extract
 from onnxcut.errors import DataError
 from onnxcut.evaluation.metrics import EvalOptions, evaluate
 from onnxcut.graph.io import load, save, sha256
+from onnxcut.train import DistillOptions, distill
 
 ROOT = Path(__file__).resolve().parents[1]
 SEG = ROOT / "samples" / "data" / "digit_scenes"
@@ -61,6 +68,8 @@ class Setup:
     limit: int | None = None  # evaluate the first N images only
     threads: int = 1
     latency_runs: int = 20
+    unlabeled: Path | None = None  # distillation images
+    distill: bool = True
 
 
 def sample_setup(name: str, **kw) -> Setup:
@@ -70,9 +79,37 @@ def sample_setup(name: str, **kw) -> Setup:
     if task == "segment":
         val, train = SEG / "val", SEG / "train"
         return Setup(
-            model, task, val / "images", val / "masks", train / "images", train / "masks", **kw
+            model,
+            task,
+            val / "images",
+            val / "masks",
+            train / "images",
+            train / "masks",
+            unlabeled=SEG / "unlabeled",
+            **kw,
         )
-    return Setup(model, task, CLS / "val", None, CLS / "train", None, **{"shard": "1/20", **kw})
+    kw = {"shard": "1/20", "unlabeled": CLS / "unlabeled", **kw}
+    return Setup(model, task, CLS / "val", None, CLS / "train", None, **kw)
+
+
+def unlabeled_images(setup: Setup) -> Path:
+    """The unlabeled split, generated (deterministically) the first time it is needed."""
+    assert setup.unlabeled is not None
+    if not setup.unlabeled.is_dir():
+        sys.path.insert(0, str(ROOT / "samples"))
+        from make_data import generate
+
+        generate(ROOT / "samples" / "data", ["unlabeled"])
+    return setup.unlabeled
+
+
+def score_distilled(setup: Setup, plan: Mapping, classes: Sequence[int], tmp: Path) -> dict:
+    """Extract the plan's sub-network, distill it for one epoch, and evaluate it."""
+    sub = extract(setup.model, dict(plan))
+    opts = DistillOptions(threads=setup.threads)
+    path = tmp / "distilled.onnx"
+    save(distill(sub, setup.model, unlabeled_images(setup), opts), path)
+    return score_model(setup, path, classes)
 
 
 def digit_subsets(sizes: Sequence[int], seed: int = 0) -> dict[int, tuple[int, ...]]:
@@ -176,6 +213,9 @@ def compare(
     rows = [{"method": "original", **ratios(ref, ref), "plan": None}]
     rows.append({"method": "disassembler", **ratios(score_plan(setup, plan, classes, tmp), ref)})
     rows[-1]["plan"] = plan
+    if setup.distill:
+        row = ratios(score_distilled(setup, plan, classes, tmp), ref)
+        rows.append({"method": "disassembler + distill", **row, "plan": plan})
     ranked = tuple(sorted({*classes, *([sel.background] if setup.task == "segment" else [])}))
     plans = {"l1": plan_at_counts(plan, group_vectors(plan, channels, filter_l1(channels)))}
     for kind in ("forward", "backward", "taylor"):
@@ -275,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--sweep", default="deeplab_digits:2", help="MODEL:SIZE, or 'none'")
     p.add_argument("--round-to", type=int, default=None, help="Selection.round_to for plans")
     p.add_argument("--quick", action="store_true", help="deeplab, subset size 2, no sweep")
+    p.add_argument("--no-distill", action="store_true", help="skip the + distill rows")
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.subsets, args.sweep = "deeplab_digits", "2", "none"
@@ -285,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            setup = sample_setup(name, limit=args.limit)
+            setup = sample_setup(name, limit=args.limit, distill=not args.no_distill)
             if not setup.model.exists():
                 print(f"skipped {name}: {setup.model} not found (not trained yet)\n")
                 continue

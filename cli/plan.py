@@ -53,6 +53,16 @@ def selection_options(f, classes_required: bool = True):
                 type=int,
                 help="Round kept counts up to a multiple of N (8 or 16 suit CPU kernels).",
             ),
+            click.option(
+                "--flops",
+                type=float,
+                help="Keep at most this share of the FLOPs, 0 < F <= 1 (instead of alpha/beta).",
+            ),
+            click.option(
+                "--params",
+                type=float,
+                help="Keep at most this share of the parameters, 0 < F <= 1.",
+            ),
         ]
     ):
         f = option(f)
@@ -110,3 +120,6 @@ def plan_cmd(scores: str, model: str | None, out: str, **selection) -> None:
     write_text(out, json.dumps(plan, indent=1))
     kept = sum(len(v) for v in plan["keep"].values())
     click.echo(f"{out}: {len(plan['keep'])} groups cut, {kept} channels kept in them")
+    for key, value in plan.get("selection", {}).items():
+        if key.endswith("_reached"):
+            click.echo(f"  {key[: -len('_reached')]} kept: {value:.3f} of the original")

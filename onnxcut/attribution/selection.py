@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from onnx import ModelProto
 
+from onnxcut.attribution import budget
 from onnxcut.attribution.scores import Scores
 from onnxcut.errors import DataError
 
@@ -37,6 +38,8 @@ class Selection:
     criterion: str = "disassembler"  # a key of CRITERIA
     round_to: int | None = None  # round each group's kept count up to a multiple of this
     rank: str = "scores"  # which channels fill a group's count: by the scores, or "l1"
+    flops: float | None = None  # keep at most this share of the FLOPs (replaces alpha/beta)
+    params: float | None = None  # keep at most this share of the parameters
 
 
 def parse_classes(text: str | Sequence[int | str], categories: Sequence[str]) -> tuple[int, ...]:
@@ -103,11 +106,15 @@ def select_layer(scores: Scores, layer: str, sel: Selection) -> np.ndarray:
     return keep
 
 
-def _ranking(scores: Scores, layer: str, sel: Selection) -> np.ndarray:
-    total = sum(
+def _layer_scores(scores: Scores, layer: str, sel: Selection) -> np.ndarray:
+    """The criterion's score kinds summed over the chosen categories, (C,)."""
+    return sum(
         scores.mean(kind, layer)[list(sel.classes)].sum(0) for kind in CRITERIA[sel.criterion]
     )
-    return np.argsort(-total, kind="stable")
+
+
+def _ranking(scores: Scores, layer: str, sel: Selection) -> np.ndarray:
+    return np.argsort(-_layer_scores(scores, layer, sel), kind="stable")
 
 
 def filter_l1(channels) -> dict[str, np.ndarray]:
@@ -217,6 +224,10 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
         raise DataError(
             f"the scores file has no {missing[0]} scores ({why}); pick another --criterion"
         )
+    budget.check_share("flops", sel.flops)
+    budget.check_share("params", sel.params)
+    if sel.flops is not None and sel.params is not None:
+        raise DataError("--flops and --params: give one budget")
     for name, value in (("alpha", sel.alpha), ("beta", sel.beta)):
         if not 0 < value <= 1:
             raise DataError(
@@ -249,9 +260,56 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
         if group.id in keep_by_group and keep_by_group[group.id].shape == kept.shape:
             kept = kept | keep_by_group[group.id]
         keep_by_group[group.id], owner[group.id] = kept, owner.get(group.id, layer)
+    output = scores.meta.get("output")
+    if output and output not in groups.maps:
+        # A Softmax (or another mixing op) after the logits: cutting categories would change
+        # the kept ones' values, so the head keeps every category.
+        log.warning(
+            "output '%s' mixes its categories (a Softmax after the logits?): the head keeps "
+            "all of them; only the layers before it are cut",
+            output,
+        )
     l1 = filter_l1(groups) if sel.rank == "l1" else {}
-    final: dict[int, np.ndarray] = {}
     orders: dict[int, np.ndarray] = {}
+    for gid, layer in owner.items():
+        if sel.rank == "l1":
+            # The scores set how many channels the group keeps; the filters' L1 norms which.
+            norms = sum(l1[p] for p in groups.groups[gid].producers if p in l1)
+            orders[gid] = np.argsort(-norms, kind="stable")
+        else:
+            orders[gid] = _ranking(scores, layer, sel)
+    measure = "flops" if sel.flops is not None else "params" if sel.params is not None else None
+
+    def plan_for(counts: dict[int, int]) -> dict:
+        final = {}
+        for gid, kept in keep_by_group.items():
+            if sel.rank == "l1" or measure is not None:
+                kept = np.zeros_like(kept)
+                kept[orders[gid][: counts[gid]]] = True
+            else:
+                kept = _pad(kept, orders[gid], counts[gid])
+            final[gid] = kept
+        _equal_blocks(groups, final, owner, orders)
+        keep = {owner[gid]: [int(c) for c in np.flatnonzero(k)] for gid, k in final.items()}
+        return _plan_dict(scores, groups, sel, keep)
+
+    if measure is not None:
+        normalised = {
+            gid: budget.normalise(_layer_scores(scores, owner[gid], sel)) for gid in owner
+        }
+        share = sel.flops if measure == "flops" else sel.params
+        plan, reached = budget.fit(
+            model,
+            normalised,
+            plan_for,
+            measure,
+            share,
+            min_keep=sel.min_keep or 1,
+            round_to=sel.round_to,
+        )
+        plan["selection"] = {measure: share, f"{measure}_reached": round(reached, 6)}
+        return plan
+    counts = {}
     for gid, kept in keep_by_group.items():
         layer = owner[gid]
         if kept.sum() < (sel.min_keep or 1) and sel.min_keep is None:
@@ -263,19 +321,11 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
         if sel.round_to and sel.round_to > 1:
             # Runtimes' blocked kernels run fastest on channel counts in multiples of 8/16.
             target = -(-target // sel.round_to) * sel.round_to
-        target = min(target, kept.size)
-        if sel.rank == "l1":
-            # The scores set how many channels the group keeps; the filters' L1 norms which.
-            norms = sum(l1[p] for p in groups.groups[gid].producers if p in l1)
-            orders[gid] = np.argsort(-norms, kind="stable")
-            kept = np.zeros_like(kept)
-            kept[orders[gid][:target]] = True
-        else:
-            orders[gid] = _ranking(scores, layer, sel)
-            kept = _pad(kept, orders[gid], target)
-        final[gid] = kept
-    _equal_blocks(groups, final, owner, orders)
-    plan_keep = {owner[gid]: [int(c) for c in np.flatnonzero(kept)] for gid, kept in final.items()}
+        counts[gid] = min(target, kept.size)
+    return plan_for(counts)
+
+
+def _plan_dict(scores: Scores, groups, sel: Selection, plan_keep: dict) -> dict:
     plan = {
         "format": PLAN_FORMAT,
         "model_sha256": scores.meta.get("model_sha256"),
@@ -283,14 +333,6 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
         "outputs": {},
     }
     output, axis = scores.meta.get("output"), scores.meta.get("category_axis", 1)
-    if output and output not in groups.maps:
-        # A Softmax (or another mixing op) after the logits: cutting categories would change
-        # the kept ones' values, so the head keeps every category.
-        log.warning(
-            "output '%s' mixes its categories (a Softmax after the logits?): the head keeps "
-            "all of them; only the layers before it are cut",
-            output,
-        )
-    elif output:
+    if output and output in groups.maps:
         plan["outputs"][output] = {"axis": axis, "keep": list(sel.classes)}
     return plan

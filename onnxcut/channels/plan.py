@@ -24,7 +24,7 @@ from onnxcut.channels.deps import ChannelTrace
 from onnxcut.errors import PlanError
 
 FORMAT = "onnxcut.plan/1"
-_KEYS = ("format", "model_sha256", "keep", "outputs")
+_KEYS = ("format", "model_sha256", "keep", "outputs", "selection")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Plan:
     keep: dict[str, tuple[int, ...]] = field(default_factory=dict)
     outputs: dict[str, OutputKeep] = field(default_factory=dict)
     model_sha256: str | None = None
+    selection: dict[str, Any] = field(default_factory=dict)  # how it was chosen (budget, ...)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"format": FORMAT}
@@ -49,6 +50,8 @@ class Plan:
         data["outputs"] = {
             k: {"axis": o.axis, "keep": list(o.keep)} for k, o in self.outputs.items()
         }
+        if self.selection:
+            data["selection"] = dict(self.selection)
         return data
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -110,10 +113,12 @@ def parse_plan(data: Any, source: str = "plan") -> Plan:
         if not isinstance(axis, int) or isinstance(axis, bool) or axis < 0:
             raise PlanError(f"{where}: axis must be a non-negative integer")
         parsed_outputs[name] = OutputKeep(_indices(entry["keep"], where), axis)
+    selection = _mapping(data.get("selection", {}), f"{source}: selection")
     return Plan(
         {k: _indices(v, f"{source}: keep['{k}']") for k, v in keep.items()},
         parsed_outputs,
         sha.lower() if sha else None,
+        dict(selection),
     )
 
 

@@ -1,0 +1,80 @@
+"""Category sub-networks at a FLOPs budget, before and after one epoch of label-free distill.
+
+For each sample model and digit subset: plan with the Disassembler scores at `--flops`
+(default 0.5 of the original's FLOPs), extract, evaluate on the validation split with the
+category-customised metric, distill one epoch against the original on the 1,000-image
+unlabeled split (`onnxcut distill` defaults: Adam, lr 1e-4, batch 16), evaluate again. Scores
+are cached under --work as in quality.py, whose helpers this uses.
+
+    .venv/bin/python benchmarks/distill_budget.py [--models a,b] [--subsets 2] [--flops 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from quality import (
+    MODELS,
+    cached_scores,
+    categories,
+    digit_subsets,
+    ratios,
+    sample_setup,
+    score_distilled,
+    score_model,
+    score_plan,
+    table,
+)
+
+from onnxcut.attribution.selection import Selection, make_plan
+from onnxcut.graph.io import load
+
+COLUMNS = (
+    "model", "digits", "flops_kept", "params_kept", "no training", "+ distill", "distill_s",
+)  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--subsets", default="2", help="subset sizes (digits of a seeded order)")
+    p.add_argument("--flops", type=float, default=0.5, help="share of the FLOPs to keep")
+    p.add_argument("--work", type=Path, default=None, help="cache folder for scores (.npz)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    subsets = digit_subsets([int(s) for s in args.subsets.split(",")])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            setup = sample_setup(name, threads=args.threads)
+            scores = cached_scores(setup, work)
+            for digits in subsets.values():
+                classes = categories(setup, digits)
+                plan = make_plan(load(setup.model), scores, Selection(classes, flops=args.flops))
+                ref = score_model(setup, setup.model, classes)
+                cut = ratios(score_plan(setup, plan, classes, Path(tmp)), ref)
+                start = time.perf_counter()
+                tuned = ratios(score_distilled(setup, plan, classes, Path(tmp)), ref)
+                rows.append(
+                    {
+                        "model": name,
+                        "digits": ",".join(map(str, digits)),
+                        "flops_kept": cut["flops_kept"],
+                        "params_kept": cut["params_kept"],
+                        "no training": cut["metric_kept"],
+                        "+ distill": tuned["metric_kept"],
+                        "distill_s": round(time.perf_counter() - start, 1),
+                    }
+                )
+                print(table(rows[-1:], COLUMNS) + "\n", flush=True)
+    print(f"## Metric kept at --flops {args.flops}\n\n" + table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()

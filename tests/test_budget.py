@@ -1,0 +1,87 @@
+"""FLOPs and parameter budgets: plans land at or just under a share of the original."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from onnxcut.attribution import AttributeOptions, Selection, attribute, make_plan, save_scores
+from onnxcut.attribution.budget import normalise
+from onnxcut.channels import extract, summarize
+from onnxcut.cli.main import cli
+from onnxcut.errors import DataError
+from onnxcut.graph.io import load
+from onnxcut.graph.shapes import default_batch_inplace, infer_shapes
+
+from conftest import ROOT, sample_model
+
+SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val" / "images"
+SEG = "deeplab_digits"
+
+
+@pytest.fixture(scope="module")
+def scores(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scenes")
+    for path in sorted(SCENES.glob("*.png"))[:12]:
+        shutil.copy(path, folder / path.name)
+    return attribute(sample_model(SEG), folder, AttributeOptions(tau=0.7, batch=4))
+
+
+def _share(model, plan, measure: str) -> float:
+    def size(m):
+        m = load(m)
+        if default_batch_inplace(m):
+            m = infer_shapes(m)
+        return summarize(m)[measure]
+
+    return size(extract(model, plan)) / size(model)
+
+
+@pytest.mark.parametrize(("measure", "share"), [("flops", 0.5), ("flops", 0.3), ("params", 0.5)])
+def test_budget_lands_within_two_percent_below(scores, measure, share):
+    model = load(sample_model(SEG))
+    plan = make_plan(model, scores, Selection((4, 6), **{measure: share}))
+    reached = _share(model, plan, measure)
+    assert share - 0.02 <= reached <= share, reached
+    assert plan["selection"][f"{measure}_reached"] == pytest.approx(reached, abs=1e-6)
+    assert plan["outputs"]  # the head is still cut to background and the chosen digits
+
+
+def test_budget_with_round_to_keeps_multiples(scores):
+    from onnxcut.channels import trace
+
+    model = load(sample_model(SEG))
+    plan = make_plan(model, scores, Selection((4, 6), flops=0.5, round_to=8))
+    groups = trace(model)
+    for layer, kept in plan["keep"].items():
+        assert len(kept) % 8 == 0 or len(kept) == groups.group_of(layer).channels, layer
+    assert _share(model, plan, "flops") <= 0.5
+
+
+def test_normalise_is_relative_to_the_layer_mean():
+    np.testing.assert_allclose(normalise(np.array([1.0, 3.0])), [0.5, 1.5])
+    assert not normalise(np.zeros(3)).any()
+
+
+@pytest.mark.parametrize("share", [0.0, -0.5, 1.5])
+def test_budget_outside_the_unit_interval_is_refused(scores, share):
+    with pytest.raises(DataError, match=r"0 < flops <= 1"):
+        make_plan(load(sample_model(SEG)), scores, Selection((4,), flops=share))
+
+
+def test_unreachable_budget_names_the_smallest(scores, tmp_path: Path):
+    path = tmp_path / "s.npz"
+    save_scores(scores, path)
+    out = tmp_path / "p.json"
+    args = ["plan", str(path), "--model", str(sample_model(SEG)), "--classes", "4", "-o", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--flops", "0.001"])
+    assert result.exit_code == 2, result.output
+    assert "smallest reachable is 0.0" in result.output and not out.exists()
+    result = CliRunner().invoke(cli, [*args, "--flops", "2"])
+    assert result.exit_code == 2 and "0 < flops <= 1" in result.output and not out.exists()
+    result = CliRunner().invoke(cli, [*args, "--flops", "0.5"])
+    assert result.exit_code == 0 and "flops kept: 0.4" in result.output, result.output
