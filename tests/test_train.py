@@ -342,3 +342,29 @@ def test_distill_memory_is_flat_in_the_number_of_images(student: Path, tmp_path:
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks[40] < 1.25 * peaks[8], peaks
+
+
+def test_paddle_biases_through_reshape_train():
+    """A bias added through Reshape(bias, [1, C, 1, 1]) + Add trains like a Conv bias."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bias")
+    shape = numpy_helper.from_array(np.array([1, 4, 1, 1], np.int64), "shape")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["bias", "shape"], ["b4"], name="reshape"),
+        helper.make_node("Add", ["c", "b4"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "paddle",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [w, bias, shape],
+    )
+    model = load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    assert trainable(model) == ["w", "bias"]
+    graph = build(model, "y", 1, trainable(model))
+    assert {"w", "bias"} <= {i.name for i in graph.model.graph.input}

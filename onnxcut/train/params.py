@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
-from onnx import ModelProto
+from onnx import ModelProto, NodeProto
 
 from onnxcut.graph.io import FLOAT_TYPES, GraphIndex
 
@@ -28,6 +28,9 @@ WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
 }
 # Elementwise ops whose constant operand trains when it holds more than one value.
 PER_CHANNEL_OPS = frozenset({"Add", "Sub", "Mul", "Div"})
+# Ops that only reshape a weight on its way to where it is used (Paddle adds its biases
+# through Reshape(bias, [1, C, 1, 1])): the weight trains if every use downstream does.
+RESHAPING_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten"})
 
 
 def trainable(
@@ -44,13 +47,8 @@ def trainable(
     for init in model.graph.initializer:
         if init.data_type not in FLOAT_TYPES or init.name in index.inputs:
             continue
-        readers = [
-            (node, i)
-            for node in index.consumers.get(init.name, [])
-            for i, name in enumerate(node.input)
-            if name == init.name
-        ]
-        if not readers or not all(_is_weight(node.op_type, i, init.dims) for node, i in readers):
+        readers = _readers(index, init.name)
+        if not readers or not all(_is_weight(index, node, i, init.dims) for node, i in readers):
             continue
         if any(node.op_type in frozen_ops for node, _ in readers):
             continue
@@ -61,10 +59,25 @@ def trainable(
     return names
 
 
-def _is_weight(op: str, position: int, dims: Sequence[int]) -> bool:
+def _readers(index: GraphIndex, name: str) -> list[tuple[NodeProto, int]]:
+    return [
+        (node, i)
+        for node in index.consumers.get(name, [])
+        for i, used in enumerate(node.input)
+        if used == name
+    ]
+
+
+def _is_weight(index: GraphIndex, node: NodeProto, position: int, dims: Sequence[int]) -> bool:
+    op = node.op_type
     if position in WEIGHT_INPUTS.get(op, ()):
         return True
+    if op in RESHAPING_OPS and position == 0:
+        out = node.output[0]
+        readers = _readers(index, out)
+        shape = index.shape(out) or dims
+        return bool(readers) and all(_is_weight(index, n, i, shape) for n, i in readers)
     size = 1
     for d in dims:
-        size *= d
+        size *= d if isinstance(d, int) else 2
     return op in PER_CHANNEL_OPS and size > 1
