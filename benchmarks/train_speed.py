@@ -34,6 +34,7 @@ from onnxcut.attribution.probe import find_head
 from onnxcut.graph.io import load
 from onnxcut.runtime import session
 from onnxcut.train import Optimizer, build, trainable
+from onnxcut.train.graph import WEIGHTS
 from onnxcut.train.losses import SCALE, TARGET
 from onnxcut.train.trainer import Trainer
 
@@ -66,10 +67,15 @@ def bench(name: str, net: nn.Module, shape: tuple[int, ...], threads: int, repea
     positions = target.size // target.shape[1]
     params = trainable(model)
     optimizer = Optimizer("adam", 1e-4)
-    graph = build(model, head.score, head.axis, params, optimizer=optimizer)
+    graph = build(model, head.score, head.axis, params, optimizer=optimizer, batch=shape[0])
     initial = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     trainer = Trainer(graph, initial, optimizer, threads=threads)
-    feeds = {"input": x.numpy(), TARGET: target, SCALE: np.float32(1.0 / positions)}
+    feeds = {
+        "input": x.numpy(),
+        TARGET: target,
+        SCALE: np.float32(1.0 / positions),
+        WEIGHTS: np.ones(shape[0], np.float32),
+    }
     torch.set_num_threads(threads)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     tt = torch.from_numpy(target)

@@ -20,7 +20,7 @@ from onnxcut.graph.io import load, save
 from onnxcut.runtime import session
 from onnxcut.train import DistillOptions, Optimizer, build, distill, trainable
 from onnxcut.train.distill import DISTILL_KEY
-from onnxcut.train.graph import LOSS, updated
+from onnxcut.train.graph import LOSS, WEIGHTS, updated
 from onnxcut.train.losses import SCALE, TARGET
 from onnxcut.train.optimizers import CORRECTION, LR
 
@@ -76,7 +76,7 @@ def test_training_graph_gradients_match_finite_differences():
     params = trainable(model)
     opt = Optimizer("sgd", lr=1.0, momentum=0.0)
     out = model.graph.output[0].name
-    graph = build(model, out, 1, params, temperature=2.0, optimizer=opt)
+    graph = build(model, out, 1, params, temperature=2.0, optimizer=opt, batch=2)
     sess = session(graph.model, optimize=False)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
@@ -86,6 +86,7 @@ def test_training_graph_gradients_match_finite_differences():
         graph.data: x,
         TARGET: target,
         SCALE: np.array(2.0 / (2 * 8 * 8), np.float32),
+        WEIGHTS: np.array([1.0, 0.5], np.float32),
         LR: np.array(1.0, np.float32),
         **{p: values[p] for p in params},
         **{s: np.zeros_like(values[s.split("/", 2)[2]]) for s in graph.states},
@@ -110,14 +111,15 @@ def test_adam_step_is_pytorch_adam():
     model = load(conv_bn_net())
     params = trainable(model)
     out = model.graph.output[0].name
-    sgd = build(model, out, 1, params, optimizer=Optimizer("sgd", lr=1.0, momentum=0.0))
-    adam = build(model, out, 1, params, optimizer=Optimizer("adam", lr=1e-3))
+    sgd = build(model, out, 1, params, optimizer=Optimizer("sgd", lr=1.0, momentum=0.0), batch=2)
+    adam = build(model, out, 1, params, optimizer=Optimizer("adam", lr=1e-3), batch=2)
     rng = np.random.default_rng(1)
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     base = {
         sgd.data: rng.standard_normal((2, 3, 16, 16)).astype(np.float32),
         TARGET: _softmax(rng.standard_normal((2, 10)).astype(np.float32)),
         SCALE: np.array(0.5, np.float32),
+        WEIGHTS: np.ones(2, np.float32),
         **{p: values[p] for p in params},
     }
 
@@ -368,3 +370,33 @@ def test_paddle_biases_through_reshape_train():
     assert trainable(model) == ["w", "bias"]
     graph = build(model, "y", 1, trainable(model))
     assert {"w", "bias"} <= {i.name for i in graph.model.graph.input}
+
+
+def test_padding_rows_of_a_short_batch_change_nothing():
+    """Rows with weight 0 (padding a short last batch) leave the loss and the step alone."""
+    model = load(seg_net())
+    params = trainable(model)
+    out = model.graph.output[0].name
+    graph = build(model, out, 1, params, optimizer=Optimizer("sgd", 0.1, momentum=0.0), batch=2)
+    sess = session(graph.model)
+    rng = np.random.default_rng(3)
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    target = _softmax(rng.standard_normal((2, 3, 8, 8)).astype(np.float32))
+    base = {
+        TARGET: target,
+        SCALE: np.array(1.0 / 64, np.float32),
+        WEIGHTS: np.array([1.0, 0.0], np.float32),
+        LR: np.array(0.1, np.float32),
+        **{p: values[p] for p in params},
+        **{s: np.zeros_like(values[s.split("/", 2)[2]]) for s in graph.states},
+    }
+    names = [LOSS, *(updated(p) for p in params)]
+    one = sess.run(names, {**base, graph.data: x})
+    other = x.copy()
+    other[1] = rng.standard_normal((3, 8, 8))
+    changed = target.copy()
+    changed[1] = changed[1][::-1]
+    two = sess.run(names, {**base, graph.data: other, TARGET: changed})
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

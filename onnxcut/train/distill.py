@@ -30,7 +30,7 @@ from onnxcut.errors import DataError, ModelError, TrainError
 from onnxcut.graph.io import load
 from onnxcut.graph.shapes import dims, graph_inputs
 from onnxcut.runtime import session
-from onnxcut.train.graph import build
+from onnxcut.train.graph import WEIGHTS, build
 from onnxcut.train.losses import LABEL_SCALE, LABELS, TARGET
 from onnxcut.train.optimizers import OPTIMIZERS, Optimizer
 from onnxcut.train.params import trainable
@@ -112,6 +112,7 @@ def distill(
             "every parameter is frozen (or none is a weight); drop some --freeze patterns"
         )
     optimizer = Optimizer(opts.optimizer, opts.lr)
+    batch_size = min(opts.batch, len(paths))
     graph = build(
         s,
         head.score,
@@ -121,6 +122,7 @@ def distill(
         temperature=opts.temperature,
         optimizer=optimizer,
         labels=masks is not None,
+        batch=batch_size,
     )
     from onnxcut.train.trainer import Trainer  # imports onnxruntime
 
@@ -156,7 +158,9 @@ def distill(
         seen = 0
         skip = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
         for batch in _epoch_batches(paths, pre, opts, epoch, skip):
-            feeds = {graph.data: batch.inputs, **target.feeds(batch.inputs)}
+            real = len(batch.paths)
+            inputs, weights = _padded(batch.inputs, batch_size)
+            feeds = {graph.data: inputs, WEIGHTS: weights, **target.feeds(inputs, real)}
             if masks is not None:
                 feeds.update(masks(batch, feeds[TARGET]))
             try:
@@ -164,7 +168,7 @@ def distill(
             except TrainError as e:
                 raise TrainError(f"{e} (epoch {epoch + 1}); {_kept(ckpt, trainer)}") from None
             step += 1
-            seen += len(batch.paths)
+            seen += real
             epoch_losses.append(loss)
             if progress is not None:
                 progress(step, total, float(np.mean(epoch_losses)))
@@ -244,6 +248,16 @@ def _loss_kind(model: ModelProto, head: Head) -> str:
         if sigmoid or (head.score == head.output and head.n_categories == 1)
         else "softmax"
     )
+
+
+def _padded(inputs: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad a short batch to the graph's static size by repeating its first image; the
+    padding rows get weight 0."""
+    weights = np.zeros(size, np.float32)
+    weights[: len(inputs)] = 1.0
+    if len(inputs) < size:
+        inputs = np.concatenate([inputs, np.repeat(inputs[:1], size - len(inputs), axis=0)])
+    return inputs, weights
 
 
 def _epoch_batches(
@@ -346,7 +360,7 @@ def _mask_reader(opts: DistillOptions, head: Head, mapping: CategoryMap, images)
     def read(batch: data.Batch, target: np.ndarray) -> dict[str, np.ndarray]:
         axis, k = head.axis, target.shape[head.axis]
         size = tuple(target.shape[2:] if axis == 1 else target.shape[1:3])
-        labels = np.full((len(batch.paths), *size), -1, np.int64)
+        labels = np.full((len(target), *size), -1, np.int64)  # padding rows: unlabeled
         for i, (path, shape) in enumerate(zip(batch.paths, batch.sizes, strict=True)):
             found = data.mask_path(mask_dir, path, root)
             if found is not None:

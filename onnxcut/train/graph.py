@@ -23,6 +23,7 @@ from onnxcut.train.optimizers import CORRECTION, LR, OPTIMIZERS, Optimizer
 
 LOSS = PREFIX + "loss"
 BATCH = "N"
+WEIGHTS = PREFIX + "weights"  # (B,) per image: 0 for the rows that pad a short last batch
 
 
 def state_input(param: str, state: str) -> str:
@@ -61,24 +62,30 @@ def build(
     temperature: float = 1.0,
     optimizer: Optimizer | None = None,
     labels: bool = False,
+    batch: int = 16,
 ) -> TrainGraph:
-    """Make the training graph of `student` for loss `kind` on tensor `logits`."""
+    """Make the training graph of `student` for loss `kind` on tensor `logits`.
+
+    The batch is static (shape rules need every size), so a short last batch is padded and
+    its padding rows get weight 0 through the `train/weights` input.
+    """
     optimizer = optimizer or Optimizer()
     model = ModelProto()
     model.CopyFrom(student)
     data = _data_input(model)
     shapes = _inputs_from_initializers(model, params)
-    dynamic_batch(model, data)
+    set_batch(model, data, batch)
     model = prepare(infer_shapes(model))
     index = GraphIndex(model)
     logit_dims = index.shape(logits)
     if logit_dims is None:
         raise ModelError(f"tensor '{logits}' has no known shape; pass --input-shape")
     elem = index.dtype(logits) or TensorProto.FLOAT
-    target_dims = [BATCH, *logit_dims[1:]]
+    target_dims = [batch, *logit_dims[1:]]
     fed = [
         helper.make_tensor_value_info(TARGET, elem, target_dims),
         helper.make_tensor_value_info(SCALE, elem, []),
+        helper.make_tensor_value_info(WEIGHTS, elem, [batch]),
     ]
     if labels:
         fed += [
@@ -89,9 +96,10 @@ def build(
     fed += [helper.make_tensor_value_info(s, elem, []) for s in scalars]
     model.graph.input.extend(fed)
     b = Builder("loss")
-    terms = LOSSES[kind](b, logits, axis, temperature)
+    rows = b.op("Reshape", [WEIGHTS, b.ints([batch, *[1] * (len(logit_dims) - 1)])])
+    terms = LOSSES[kind](b, logits, axis, temperature, rows)
     if labels:
-        terms = with_labels(b, terms, logits, axis)
+        terms = with_labels(b, terms, logits, axis, rows)
     # A scalar whatever the reductions' opset gives: the trainer binds a () buffer for it.
     b.op("Reshape", [terms.loss, b.ints([])], LOSS)
     model.graph.node.extend(b.nodes)
@@ -149,15 +157,18 @@ def _inputs_from_initializers(model: ModelProto, params: Sequence[str]) -> dict[
     return {t.name: list(t.dims) for t in moved}
 
 
-def dynamic_batch(model: ModelProto, data: str) -> None:
-    """Let the batch vary: the last batch of an epoch may be smaller."""
+def set_batch(model: ModelProto, data: str, batch: int | str) -> None:
+    """Set the image input's batch: a size, or a name for a dynamic one."""
     for value in model.graph.input:
         if value.name == data:
             shape = value.type.tensor_type.shape
             if not shape.dim:
                 raise ModelError(f"input '{data}' has no known rank; pass --input-shape")
             shape.dim[0].Clear()
-            shape.dim[0].dim_param = BATCH
+            if isinstance(batch, int):
+                shape.dim[0].dim_value = batch
+            else:
+                shape.dim[0].dim_param = batch
     del model.graph.value_info[:]
     for out in model.graph.output:
         out.type.tensor_type.ClearField("shape")

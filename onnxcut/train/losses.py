@@ -2,8 +2,9 @@
 ops, one entry a kind of category head.
 
 Every loss reads the student logits z, the teacher's target p (already restricted to the
-student's categories, tempered and normalised) and a fed scalar `scale`, T / positions, so
-the last, smaller batch of an epoch weighs each position as the others do:
+student's categories, tempered and normalised), per-image weights w (0 for the rows padding a
+short last batch, broadcast over a position's axes) and a fed scalar `scale`, T / (real
+positions), so every position of every batch weighs the same (w is left out below):
     softmax  L = T^2 / n sum p (log p - log softmax(z / T))    dL/dz = scale (softmax(z/T) - p)
     sigmoid  L = T^2 / n sum BCE(sigmoid(z / T), p)            dL/dz = scale (sigmoid(z/T) - p)
 With labels (softmax heads), r is the one-hot label map, zero where unlabeled, and
@@ -30,7 +31,7 @@ class LossTerms:
     seed: str  # dL/dz, shaped like z
 
 
-LossFn = Callable[[Builder, str, int, float], LossTerms]
+LossFn = Callable[[Builder, str, int, float, str], LossTerms]
 LOSSES: dict[str, LossFn] = {}
 
 
@@ -43,12 +44,13 @@ def loss(kind: str) -> Callable[[LossFn], LossFn]:
     return register
 
 
-def _total(b: Builder, per_position: str, factor: str) -> str:
-    return b.op("Mul", [b.op("ReduceSum", [per_position], keepdims=0), factor])
+def _total(b: Builder, per_position: str, factor: str, rows: str) -> str:
+    weighted = b.op("Mul", [per_position, rows])
+    return b.op("Mul", [b.op("ReduceSum", [weighted], keepdims=0), factor])
 
 
 @loss("softmax")
-def softmax_kl(b: Builder, z: str, axis: int, temperature: float) -> LossTerms:
+def softmax_kl(b: Builder, z: str, axis: int, temperature: float, rows: str) -> LossTerms:
     tempered = b.op("Div", [z, b.scalar(temperature)])
     q = b.op("Softmax", [tempered], axis=axis)
     log_q = b.op("LogSoftmax", [tempered], axis=axis)
@@ -56,29 +58,30 @@ def softmax_kl(b: Builder, z: str, axis: int, temperature: float) -> LossTerms:
     log_p = b.op("Log", [b.op("Max", [TARGET, b.scalar(1e-30)])])
     kl = b.op("Mul", [TARGET, b.op("Sub", [log_p, log_q])])
     factor = b.op("Mul", [SCALE, b.scalar(temperature)])
-    seed = b.op("Mul", [b.op("Sub", [q, TARGET]), SCALE])
-    return LossTerms(_total(b, kl, factor), seed)
+    seed = b.op("Mul", [b.op("Mul", [b.op("Sub", [q, TARGET]), SCALE]), rows])
+    return LossTerms(_total(b, kl, factor, rows), seed)
 
 
 @loss("sigmoid")
-def sigmoid_bce(b: Builder, z: str, axis: int, temperature: float) -> LossTerms:
+def sigmoid_bce(b: Builder, z: str, axis: int, temperature: float, rows: str) -> LossTerms:
     tempered = b.op("Div", [z, b.scalar(temperature)])
     q = b.op("Sigmoid", [tempered])
     # BCE = softplus(t) - p t, stable for large |t|.
     bce = b.op("Sub", [b.op("Softplus", [tempered]), b.op("Mul", [TARGET, tempered])])
     factor = b.op("Mul", [SCALE, b.scalar(temperature)])
-    seed = b.op("Mul", [b.op("Sub", [q, TARGET]), SCALE])
-    return LossTerms(_total(b, bce, factor), seed)
+    seed = b.op("Mul", [b.op("Mul", [b.op("Sub", [q, TARGET]), SCALE]), rows])
+    return LossTerms(_total(b, bce, factor, rows), seed)
 
 
-def with_labels(b: Builder, terms: LossTerms, z: str, axis: int) -> LossTerms:
-    """Add the label cross-entropy (softmax heads) to a distillation loss."""
+def with_labels(b: Builder, terms: LossTerms, z: str, axis: int, rows: str) -> LossTerms:
+    """Add the label cross-entropy (softmax heads) to a distillation loss; padding rows
+    carry no labels, so `rows` only has to weigh the total."""
     q = b.op("Softmax", [z], axis=axis)
     log_q = b.op("LogSoftmax", [z], axis=axis)
     labelled = b.op("ReduceSum", [LABELS, b.ints([axis])], keepdims=1)
     ce = b.op("Neg", [b.op("Mul", [LABELS, log_q])])
     seed = b.op("Mul", [b.op("Sub", [b.op("Mul", [q, labelled]), LABELS]), LABEL_SCALE])
     return LossTerms(
-        b.op("Add", [terms.loss, _total(b, ce, LABEL_SCALE)]),
+        b.op("Add", [terms.loss, _total(b, ce, LABEL_SCALE, rows)]),
         b.op("Add", [terms.seed, seed]),
     )

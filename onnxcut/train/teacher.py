@@ -11,7 +11,7 @@ from onnx import ModelProto, helper, numpy_helper
 from onnxcut.attribution.probe import find_head
 from onnxcut.graph.shapes import graph_inputs, infer_shapes
 from onnxcut.runtime import session
-from onnxcut.train.graph import dynamic_batch, keep_outputs
+from onnxcut.train.graph import BATCH, keep_outputs, set_batch
 from onnxcut.train.losses import SCALE, TARGET
 
 # loss kind -> the normalisation the student's loss compares against
@@ -36,7 +36,7 @@ class Teacher:
         m = ModelProto()
         m.CopyFrom(model)
         self.input = graph_inputs(m)[0].name
-        dynamic_batch(m, self.input)
+        set_batch(m, self.input, BATCH)
         index = numpy_helper.from_array(np.asarray(positions, np.int64), "train/teacher_index")
         temp = numpy_helper.from_array(np.asarray(temperature, np.float32), "train/teacher_t")
         m.graph.initializer.extend([index, temp])
@@ -55,7 +55,8 @@ class Teacher:
         self.factor = temperature * weight
         self._session = session(infer_shapes(m), provider, threads)
 
-    def feeds(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    def feeds(self, inputs: np.ndarray, real: int) -> dict[str, np.ndarray]:
+        """Target and scale for a batch whose first `real` rows are images (the rest pad)."""
         (target,) = self._session.run([TARGET], {self.input: inputs})
-        positions = target.size // target.shape[self.axis]
+        positions = real * (target.size // target.shape[self.axis] // len(target))
         return {TARGET: target, SCALE: np.float32(self.factor / positions)}
