@@ -54,6 +54,11 @@ def selection_options(f, classes_required: bool = True):
                 help="Round kept counts up to a multiple of N (8 or 16 suit CPU kernels).",
             ),
             click.option(
+                "--keep-head",
+                is_flag=True,
+                help="Keep every category in the head (the original's probabilities).",
+            ),
+            click.option(
                 "--flops",
                 type=float,
                 help="Keep at most this share of the FLOPs, 0 < F <= 1 (instead of alpha/beta).",

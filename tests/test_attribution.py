@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -365,19 +367,20 @@ def test_channel_last_matmul_layers_are_probed(tmp_path: Path):
     )
 
 
-def test_softmax_head_keeps_every_category(caplog):
-    """Keras applications end in a Softmax: the plan cuts the layers before it and leaves the
-    head whole (cutting logits under a Softmax would change the kept probabilities)."""
-    import logging
-
+def test_softmax_head_is_cut_to_the_chosen_categories():
+    """Keras applications and Paddle classifiers end in a Softmax: the cut head outputs the
+    chosen categories only, renormalised over them, so its argmax is the original's argmax
+    restricted to them; --keep-head keeps every category."""
     from onnxcut.attribution.scores import Scores
-    from onnxcut.channels.surgery import extract
+    from onnxcut.channels.surgery import extract, mask
+    from onnxcut.runtime import session
 
     from netbuilder import NetBuilder
 
     b = NetBuilder((1, 3, 8, 8), seed=2)
     c1 = b.conv(b.input, 8)
-    probs = b.softmax(b.gemm(b.flatten(b.gap(b.relu(c1))), 4))
+    logits = b.gemm(b.flatten(b.gap(b.relu(c1))), 4)
+    probs = b.softmax(logits)
     model = load(b.build([probs]))
     conv = next(n.name for n in model.graph.node if n.op_type == "Conv")
     scores = Scores.empty(
@@ -386,9 +389,20 @@ def test_softmax_head_keeps_every_category(caplog):
     for kind in ("forward", "backward"):
         scores.arrays[f"{kind}/{conv}"][:] = [[1, 1, 1, 1, 0, 0, 0, 0]] * 4
     scores.count[:] = 1
-    with caplog.at_level(logging.WARNING):
-        plan = make_plan(model, scores, Selection(classes=(1, 2)))
-    assert plan["outputs"] == {} and plan["keep"][conv] == [0, 1, 2, 3]
-    assert f"output '{probs}' mixes its categories" in caplog.text
+    plan = make_plan(model, scores, Selection(classes=(1, 2)))
+    assert plan["outputs"] == {probs: {"axis": 1, "keep": [1, 2]}}
     cut = extract(model, plan)
-    assert [d.dim_value for d in cut.graph.output[0].type.tensor_type.shape.dim] == [1, 4]
+    assert [d.dim_value for d in cut.graph.output[0].type.tensor_type.shape.dim] == [1, 2]
+    full = mask(model, plan)  # the reference: same channels, every category
+    full.graph.output.append(onnx.helper.make_tensor_value_info(logits, 1, None))
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    _, z = session(full).run(None, {"input": x})
+    (got,) = session(cut).run(None, {"input": x})
+    e = np.exp(z[:, [1, 2]] - z[:, [1, 2]].max(axis=1, keepdims=True))
+    np.testing.assert_allclose(got, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+    meta = {p.key: p.value for p in cut.metadata_props}
+    assert json.loads(meta["onnxcut.categories"]) == {probs: [1, 2]}
+    whole = make_plan(model, scores, Selection(classes=(1, 2), keep_head=True))
+    assert whole["outputs"] == {}
+    kept = extract(model, whole)
+    assert [d.dim_value for d in kept.graph.output[0].type.tensor_type.shape.dim] == [1, 4]

@@ -38,6 +38,7 @@ class Selection:
     criterion: str = "disassembler"  # a key of CRITERIA
     round_to: int | None = None  # round each group's kept count up to a multiple of this
     rank: str = "scores"  # which channels fill a group's count: by the scores, or "l1"
+    keep_head: bool = False  # keep every category of the head (the original's probabilities)
     flops: float | None = None  # keep at most this share of the FLOPs (replaces alpha/beta)
     params: float | None = None  # keep at most this share of the parameters
 
@@ -333,6 +334,6 @@ def _plan_dict(scores: Scores, groups, sel: Selection, plan_keep: dict) -> dict:
         "outputs": {},
     }
     output, axis = scores.meta.get("output"), scores.meta.get("category_axis", 1)
-    if output and output in groups.maps:
+    if output and output in groups.maps and not sel.keep_head:
         plan["outputs"][output] = {"axis": axis, "keep": list(sel.classes)}
     return plan

@@ -163,6 +163,13 @@ def along_axis(t: Tracer, node: NodeProto) -> None:
     axis = int(a.get("axis", default))
     axis = axis + rank if rank is not None and axis < 0 else axis
     mixed = cmap.axis >= axis if coerced else cmap.axis == axis
+    if mixed and _renormalising_head(t, node, cmap, axis):
+        # A classifier's Softmax over its categories: cutting categories (the plan's outputs
+        # section) renormalises over the kept ones, so the argmax stays the original's
+        # argmax restricted to them. Nothing else can cut these channels: they reach a
+        # graph output.
+        t.set(node.output[0], cmap)
+        return
     if rank is None or mixed:
         t.freeze(cmap, node_reason(node, "mixes channels without weights"))
         return
@@ -173,6 +180,15 @@ def along_axis(t: Tracer, node: NodeProto) -> None:
 @rule("LRN", "GroupNormalization", "MeanVarianceNormalization", "SpaceToDepth", "DepthToSpace")
 def mixing(t: Tracer, node: NodeProto) -> None:
     untraced(t, node, "mixes channels without weights")
+
+
+def _renormalising_head(t: Tracer, node: NodeProto, cmap: ChannelMap, axis: int) -> bool:
+    """A Softmax or LogSoftmax over exactly the channel axis whose result is a graph output."""
+    return (
+        node.op_type in ("Softmax", "LogSoftmax")
+        and cmap.axis == axis
+        and node.output[0] in t.index.outputs
+    )
 
 
 # -- parameter layers ---------------------------------------------------------------------
