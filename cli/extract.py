@@ -80,7 +80,7 @@ def extract_cmd(
     """
     from onnxcut.channels.plan import load_plan, parse_plan
     from onnxcut.channels.surgery import extract
-    from onnxcut.cli.plan import build_plan
+    from onnxcut.cli.plan import build_plan, echo_selection
     from onnxcut.graph.io import load, save
     from onnxcut.graph.shapes import parse_input_shapes
 
@@ -97,4 +97,6 @@ def extract_cmd(
     cut = extract(model, plan, input_shapes=shapes)
     save(cut, output, source=model)
     echo_sizes(load(model, shapes), cut)
+    if scores is not None:
+        echo_selection(built)
     click.echo(f"wrote {output}")

@@ -68,6 +68,22 @@ def selection_options(f, classes_required: bool = True):
                 type=float,
                 help="Keep at most this share of the parameters, 0 < F <= 1.",
             ),
+            click.option(
+                "--min-agreement",
+                type=float,
+                help="Smallest sub-network agreeing with the original on this share of --data.",
+            ),
+            click.option(
+                "--data",
+                "agreement_data",
+                type=click.Path(),
+                help="Held-out images for --min-agreement (no labels needed).",
+            ),
+            click.option(
+                "--allow-full",
+                is_flag=True,
+                help="With --min-agreement: keep every channel when nothing smaller agrees.",
+            ),
         ]
     ):
         f = option(f)
@@ -75,12 +91,19 @@ def selection_options(f, classes_required: bool = True):
 
 
 def build_plan(
-    model: str | None, scores_path: str, classes: str, background: str = "0", **selection
+    model: str | None,
+    scores_path: str,
+    classes: str,
+    background: str = "0",
+    min_agreement: float | None = None,
+    agreement_data: str | None = None,
+    allow_full: bool = False,
+    **selection,
 ) -> dict:
     """Make the plan for the selection options of `plan` and `extract --scores`.
 
     `selection` holds the remaining options by name (alpha, beta, layers, min_keep, criterion,
-    rank, round_to), as Selection's fields.
+    rank, round_to, keep_head, flops, params), as Selection's fields.
     """
     from pathlib import Path
 
@@ -105,7 +128,27 @@ def build_plan(
         except ValueError:
             raise DataError(f"--background '{background}': an index or none") from None
     sel = Selection(parse_classes(classes, scores.categories), background=bg, **selection)
-    return make_plan(load(model), scores, sel)
+    proto = load(model)
+    if min_agreement is None:
+        return make_plan(proto, scores, sel)
+    if agreement_data is None:
+        raise DataError("--min-agreement needs --data DIR: held-out images to compare on")
+    from onnxcut import data
+    from onnxcut.attribution.agreement import guarded_plan
+
+    pre = data.fit_to_model(
+        data.preprocess_from(proto, overrides=scores.meta.get("preprocess") or {}), proto
+    )
+    return guarded_plan(
+        proto,
+        lambda s: make_plan(proto, scores, s),
+        sel,
+        agreement_data,
+        min_agreement,
+        allow_full=allow_full,
+        attributed=scores.meta.get("data_path"),
+        preprocess=pre,
+    )
 
 
 @click.command("plan")
@@ -125,6 +168,13 @@ def plan_cmd(scores: str, model: str | None, out: str, **selection) -> None:
     write_text(out, json.dumps(plan, indent=1))
     kept = sum(len(v) for v in plan["keep"].values())
     click.echo(f"{out}: {len(plan['keep'])} groups cut, {kept} channels kept in them")
+    echo_selection(plan)
+
+
+def echo_selection(plan: dict) -> None:
+    """Say what a budget or an agreement guard found."""
     for key, value in plan.get("selection", {}).items():
         if key.endswith("_reached"):
             click.echo(f"  {key[: -len('_reached')]} kept: {value:.3f} of the original")
+        elif key == "agreement":
+            click.echo(f"  agreement with the original on --data: {value:.4f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -85,3 +86,63 @@ def test_unreachable_budget_names_the_smallest(scores, tmp_path: Path):
     assert result.exit_code == 2 and "0 < flops <= 1" in result.output and not out.exists()
     result = CliRunner().invoke(cli, [*args, "--flops", "0.5"])
     assert result.exit_code == 0 and "flops kept: 0.4" in result.output, result.output
+
+
+def test_agreement_of_a_model_with_itself_is_one(tmp_path: Path):
+    from onnxcut.attribution.agreement import agreement
+
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for path in sorted(SCENES.glob("*.png"))[:3]:
+        shutil.copy(path, folder / path.name)
+    assert agreement(sample_model(SEG), sample_model(SEG), folder, [0, 5, 7]) == 1.0
+    with pytest.raises(DataError, match="does not output categories"):
+        plan = {"format": "onnxcut.plan/1", "keep": {}, "outputs": {}}
+        model = load(sample_model(SEG))
+        plan["outputs"] = {model.graph.output[0].name: {"axis": 1, "keep": [0, 5]}}
+        agreement(extract(model, plan), model, folder, [0, 5, 7])
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("held_out")
+    for path in sorted(SCENES.glob("*.png"))[100:124]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_min_agreement_finds_a_smaller_plan_that_agrees(scores, held_out: Path, tmp_path):
+    from onnxcut.attribution.agreement import agreement
+
+    path = tmp_path / "s.npz"
+    save_scores(scores, path)
+    out = tmp_path / "sub.onnx"
+    args = ["extract", str(sample_model(SEG)), "--scores", str(path), "--classes", "4,6"]
+    result = CliRunner().invoke(
+        cli, [*args, "--min-agreement", "0.8", "--data", str(held_out), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "agreement with the original on --data: 0." in result.output
+    sub = load(out)
+    meta = json.loads({p.key: p.value for p in sub.metadata_props}["onnxcut.selection"])
+    assert meta["min_agreement"] == 0.8 and meta["agreement"] >= 0.8 and meta["flops"] < 1
+    assert agreement(sub, sample_model(SEG), held_out, [0, 4, 6]) == pytest.approx(
+        meta["agreement"], abs=1e-6
+    )
+
+
+def test_min_agreement_errors(scores, held_out: Path, tmp_path: Path):
+    path = tmp_path / "s.npz"
+    save_scores(scores, path)
+    out = tmp_path / "p.json"
+    args = ["plan", str(path), "--model", str(sample_model(SEG)), "--classes", "4", "-o", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--min-agreement", "0.9"])
+    assert result.exit_code == 2 and "--min-agreement needs --data" in result.output
+    result = CliRunner().invoke(cli, [*args, "--min-agreement", "1.0", "--data", str(held_out)])
+    assert result.exit_code == 2, result.output
+    assert "short of the whole model" in result.output and not out.exists()
+    full = [*args, "--min-agreement", "1.0", "--data", str(held_out), "--allow-full"]
+    result = CliRunner().invoke(cli, full)
+    assert (
+        result.exit_code == 0 and "agreement with the original on --data: 1.0000" in result.output
+    )

@@ -98,9 +98,9 @@ def _settings(
     }
 
 
-def _run_info(model: str | os.PathLike[str]) -> dict[str, Any]:
+def _run_info(model: str | os.PathLike[str], images: str | os.PathLike[str]) -> dict[str, Any]:
     """Facts of this run that shards of one run may differ in."""
-    return {"model_path": str(Path(model).resolve())}
+    return {"model_path": str(Path(model).resolve()), "data_path": str(Path(images).resolve())}
 
 
 def attribute(
@@ -151,7 +151,14 @@ def attribute(
         categories,
         channel_counts(proto, layers),
         ("forward", "backward", "taylor", *(["relevance"] if task == "classify" else [])),
-        {**settings, **_run_info(model), "images": 0, "skipped": 0, "shard": opts.shard, "done": 0},
+        {
+            **settings,
+            **_run_info(model, images),
+            "images": 0,
+            "skipped": 0,
+            "shard": opts.shard,
+            "done": 0,
+        },
     )
     if resume and checkpoint and Path(checkpoint).exists():
         scores = _resume(checkpoint, scores)
@@ -224,7 +231,7 @@ def _top_k(
 
 def _resume(checkpoint: str | os.PathLike[str], fresh: Scores) -> Scores:
     saved = load_scores(checkpoint)
-    for key in sorted(fresh.meta.keys() - {"images", "skipped", "done", "model_path"}):
+    for key in sorted(fresh.meta.keys() - {"images", "skipped", "done", "model_path", "data_path"}):
         if saved.meta.get(key) != fresh.meta.get(key):
             raise DataError(
                 f"{checkpoint}: checkpoint was made with another '{key}' "

@@ -29,6 +29,7 @@ from onnxcut.graph.shapes import infer_shapes
 log = logging.getLogger(__name__)
 
 CATEGORIES_KEY = "onnxcut.categories"
+SELECTION_KEY = "onnxcut.selection"
 ModelLike = ModelProto | str | os.PathLike[str]
 Shapes = Mapping[str, Sequence[int]]
 
@@ -44,8 +45,17 @@ def extract(model: ModelLike, plan: PlanLike, *, input_shapes: Shapes | None = N
     cut.apply()
     cut.finish_shapes()
     _record_categories(proto, channels, kept, plan)
+    if plan.selection:  # how the plan was chosen: a budget, an agreement guard
+        _set_meta(proto, SELECTION_KEY, json.dumps(plan.selection, sort_keys=True))
     onnx.checker.check_model(proto)
     return proto
+
+
+def _set_meta(model: ModelProto, key: str, value: str) -> None:
+    props = [p for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
 
 
 def mask(model: ModelLike, plan: PlanLike, *, input_shapes: Shapes | None = None) -> ModelProto:
