@@ -42,6 +42,8 @@ def agreement(
     sub, original = load(sub), load(original)
     sh, oh = find_head(sub), find_head(original)
     sub_cats = output_categories(sub, sh) or list(range(sh.n_categories))
+    # The original may itself be a sub-network: name its outputs by original category too.
+    original_cats = np.array(output_categories(original, oh) or range(oh.n_categories))
     chosen = [c for c in categories if c in sub_cats]
     if len(chosen) != len(categories):
         missing = sorted(set(categories) - set(sub_cats))
@@ -55,7 +57,7 @@ def agreement(
     for batch in data.batches(data.list_images(images), pre, 1):
         (so,) = ss.run([sh.output], {si: batch.inputs})
         (oo,) = os_.run([oh.output], {oi: batch.inputs})
-        original_top = oo.argmax(axis=oh.axis)
+        original_top = original_cats[oo.argmax(axis=oh.axis)]
         counted = np.isin(original_top, wanted)
         sub_top = wanted[np.take(so, sub_pos, axis=sh.axis).argmax(axis=sh.axis)]
         same += int((counted & (sub_top == original_top)).sum())

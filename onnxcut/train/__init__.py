@@ -8,7 +8,7 @@ rules) and an optimizer step; `Trainer` runs it with the weights kept on the dev
 
 from __future__ import annotations
 
-from onnxcut.train.distill import DistillOptions, EpochReport, agreement, distill
+from onnxcut.train.distill import DistillOptions, EpochReport, distill
 from onnxcut.train.graph import TrainGraph, build
 from onnxcut.train.optimizers import OPTIMIZERS, Optimizer
 from onnxcut.train.params import trainable
@@ -19,7 +19,6 @@ __all__ = [
     "EpochReport",
     "Optimizer",
     "TrainGraph",
-    "agreement",
     "build",
     "distill",
     "trainable",

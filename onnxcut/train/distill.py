@@ -25,11 +25,11 @@ import numpy as np
 from onnx import ModelProto, StringStringEntryProto, numpy_helper
 
 from onnxcut import data
+from onnxcut.attribution.agreement import agreement
 from onnxcut.attribution.probe import Head, find_head, output_categories, resize_masks
 from onnxcut.errors import DataError, ModelError, TrainError
 from onnxcut.graph.io import load
 from onnxcut.graph.shapes import dims, graph_inputs
-from onnxcut.runtime import session
 from onnxcut.train.graph import WEIGHTS, build
 from onnxcut.train.losses import LABEL_SCALE, LABELS, TARGET
 from onnxcut.train.optimizers import OPTIMIZERS, Optimizer
@@ -178,7 +178,15 @@ def distill(
         report = EpochReport(epoch + 1, float(np.mean(epoch_losses or [np.nan])), seen)
         if opts.val:
             current = _with_weights(s, trainer.parameters())
-            report.agreement = agreement(current, t, mapping.positions, opts.val, opts)
+            report.agreement = agreement(
+                current,
+                t,
+                opts.val,
+                mapping.categories,
+                preprocess=pre,
+                provider=opts.provider,
+                threads=opts.threads,
+            )
         reports.append(report)
         if on_epoch is not None:
             on_epoch(report)
@@ -313,34 +321,6 @@ def _record(model: ModelProto, opts, reports: list[EpochReport], images: int, lo
     del model.metadata_props[:]
     model.metadata_props.extend(props)
     model.metadata_props.append(StringStringEntryProto(key=DISTILL_KEY, value=json.dumps(info)))
-
-
-def agreement(
-    student: ModelProto,
-    teacher: ModelProto,
-    positions: Sequence[int],
-    images: str | os.PathLike[str],
-    opts: DistillOptions,
-) -> float:
-    """Share of pixels (segmentation) or images (classification) where the student's argmax
-    equals the teacher's argmax over the student's categories."""
-    sh, th = find_head(student), find_head(teacher)
-    pre = data.fit_to_model(
-        data.preprocess_from(student, opts.preprocess_file, opts.preprocess), student
-    )
-    ss = session(student, opts.provider, opts.threads)
-    ts = session(teacher, opts.provider, opts.threads)
-    si, ti = ss.get_inputs()[0].name, ts.get_inputs()[0].name
-    same = count = 0
-    index = np.asarray(positions)
-    for batch in data.batches(data.list_images(images), pre, 1):
-        (so,) = ss.run([sh.output], {si: batch.inputs})
-        (to,) = ts.run([th.output], {ti: batch.inputs})
-        sa = so.argmax(axis=sh.axis)
-        ta = np.take(to, index, axis=th.axis).argmax(axis=th.axis)
-        same += int((sa == ta).sum())
-        count += sa.size
-    return same / max(count, 1)
 
 
 def _mask_reader(opts: DistillOptions, head: Head, mapping: CategoryMap, images) -> Callable:
