@@ -69,6 +69,12 @@ def selection_options(f, classes_required: bool = True):
                 help="Keep at most this share of the parameters, 0 < F <= 1.",
             ),
             click.option(
+                "--allocate",
+                type=click.Choice(["uniform", "scores", "sensitivity"]),
+                help="How a budget is spread over layers (default: sensitivity with --data, "
+                "else uniform).",
+            ),
+            click.option(
                 "--min-agreement",
                 type=float,
                 help="Smallest sub-network agreeing with the original on this share of --data.",
@@ -77,7 +83,8 @@ def selection_options(f, classes_required: bool = True):
                 "--data",
                 "agreement_data",
                 type=click.Path(),
-                help="Held-out images for --min-agreement (no labels needed).",
+                help="Held-out images (no labels needed) for --min-agreement, and to measure "
+                "each layer's sensitivity for a --flops/--params budget.",
             ),
             click.option(
                 "--allow-full",
@@ -129,25 +136,32 @@ def build_plan(
             raise DataError(f"--background '{background}': an index or none") from None
     sel = Selection(parse_classes(classes, scores.categories), background=bg, **selection)
     proto = load(model)
-    if min_agreement is None:
-        return make_plan(proto, scores, sel)
     if agreement_data is None:
-        raise DataError("--min-agreement needs --data DIR: held-out images to compare on")
+        if min_agreement is not None:
+            raise DataError("--min-agreement needs --data DIR: held-out images to compare on")
+        return make_plan(proto, scores, sel)
     from onnxcut import data
-    from onnxcut.attribution.agreement import guarded_plan
+    from onnxcut.attribution import agreement
 
+    agreement.warn_if_attributed(agreement_data, scores.meta.get("data_path"))
     pre = data.fit_to_model(
         data.preprocess_from(proto, overrides=scores.meta.get("preprocess") or {}), proto
     )
-    return guarded_plan(
+    check = agreement.AgreementCheck(
         proto,
-        lambda s: make_plan(proto, scores, s),
-        sel,
         agreement_data,
+        agreement.chosen_categories(sel, scores.meta.get("task")),
+        preprocess=pre,
+    )
+    if min_agreement is None:
+        return make_plan(proto, scores, sel, check=check)
+    return agreement.guarded_plan(
+        proto,
+        lambda s, check: make_plan(proto, scores, s, check=check),
+        sel,
+        check,
         min_agreement,
         allow_full=allow_full,
-        attributed=scores.meta.get("data_path"),
-        preprocess=pre,
     )
 
 

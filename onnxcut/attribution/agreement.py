@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,87 +28,99 @@ log = logging.getLogger(__name__)
 BISECTIONS = 7  # the budget found is within 1/128 of the smallest that agrees
 
 
+class AgreementCheck:
+    """The original's predictions on a folder, computed once; calling it with a sub-network
+    gives that sub-network's agreement (see module)."""
+
+    def __init__(
+        self,
+        original: ModelProto | str | os.PathLike[str],
+        images: str | os.PathLike[str],
+        categories: Sequence[int],
+        *,
+        preprocess: data.Preprocess | None = None,
+        provider: str = "cpu",
+        threads: int | None = None,
+        limit: int | None = None,
+    ):
+        original = load(original)
+        head = find_head(original)
+        # The original may itself be a sub-network: name its outputs by original category.
+        names = np.array(output_categories(original, head) or range(head.n_categories))
+        self.categories = list(categories)
+        self.provider, self.threads = provider, threads
+        pre = preprocess or data.fit_to_model(data.preprocess_from(original), original)
+        sess = session(original, provider, threads)
+        name = sess.get_inputs()[0].name
+        self.inputs: list[np.ndarray] = []
+        self.tops: list[np.ndarray] = []
+        for batch in data.batches(data.list_images(images)[:limit], pre, 1):
+            (out,) = sess.run([head.output], {name: batch.inputs})
+            self.inputs.append(batch.inputs)
+            self.tops.append(names[out.argmax(axis=head.axis)])
+        self.counted = [np.isin(top, self.categories) for top in self.tops]
+        if not any(c.any() for c in self.counted):
+            raise DataError(
+                f"{images}: the original assigns no position to categories "
+                f"{self.categories}; pass images that show them"
+            )
+
+    def __call__(self, sub: ModelProto | str | os.PathLike[str]) -> float:
+        sub = load(sub)
+        head = find_head(sub)
+        cats = output_categories(sub, head) or list(range(head.n_categories))
+        missing = sorted(set(self.categories) - set(cats))
+        if missing:
+            raise DataError(f"the sub-network does not output categories {missing}")
+        positions = np.array([cats.index(c) for c in self.categories])
+        wanted = np.array(self.categories)
+        sess = session(sub, self.provider, self.threads)
+        name = sess.get_inputs()[0].name
+        same = total = 0
+        for x, top, counted in zip(self.inputs, self.tops, self.counted, strict=True):
+            (out,) = sess.run([head.output], {name: x})
+            sub_top = wanted[np.take(out, positions, axis=head.axis).argmax(axis=head.axis)]
+            same += int((counted & (sub_top == top)).sum())
+            total += int(counted.sum())
+        return same / total
+
+
 def agreement(
     sub: ModelProto | str | os.PathLike[str],
     original: ModelProto | str | os.PathLike[str],
     images: str | os.PathLike[str],
     categories: Sequence[int],
-    *,
-    preprocess: data.Preprocess | None = None,
-    provider: str = "cpu",
-    threads: int | None = None,
+    **kw,
 ) -> float:
     """Share of the original's positions in `categories` where `sub` agrees (see module)."""
-    sub, original = load(sub), load(original)
-    sh, oh = find_head(sub), find_head(original)
-    sub_cats = output_categories(sub, sh) or list(range(sh.n_categories))
-    # The original may itself be a sub-network: name its outputs by original category too.
-    original_cats = np.array(output_categories(original, oh) or range(oh.n_categories))
-    chosen = [c for c in categories if c in sub_cats]
-    if len(chosen) != len(categories):
-        missing = sorted(set(categories) - set(sub_cats))
-        raise DataError(f"the sub-network does not output categories {missing}")
-    sub_pos = np.array([sub_cats.index(c) for c in chosen])
-    wanted = np.array(chosen)
-    pre = preprocess or data.fit_to_model(data.preprocess_from(original), original)
-    ss, os_ = session(sub, provider, threads), session(original, provider, threads)
-    si, oi = ss.get_inputs()[0].name, os_.get_inputs()[0].name
-    same = total = 0
-    for batch in data.batches(data.list_images(images), pre, 1):
-        (so,) = ss.run([sh.output], {si: batch.inputs})
-        (oo,) = os_.run([oh.output], {oi: batch.inputs})
-        original_top = original_cats[oo.argmax(axis=oh.axis)]
-        counted = np.isin(original_top, wanted)
-        sub_top = wanted[np.take(so, sub_pos, axis=sh.axis).argmax(axis=sh.axis)]
-        same += int((counted & (sub_top == original_top)).sum())
-        total += int(counted.sum())
-    if total == 0:
-        raise DataError(
-            f"{images}: the original assigns no position to categories {list(categories)}; "
-            "pass images that show them"
-        )
-    return same / total
+    return AgreementCheck(original, images, categories, **kw)(sub)
 
 
 def guarded_plan(
     model: ModelProto,
-    make_plan,
+    make_plan: Callable[..., dict],
     sel,
-    images: str | os.PathLike[str],
+    check: AgreementCheck,
     min_agreement: float,
     *,
     allow_full: bool = False,
-    attributed: str | None = None,
-    preprocess: data.Preprocess | None = None,
-    threads: int | None = None,
 ) -> dict:
     """The plan at the smallest FLOPs budget whose sub-network agrees with `model` on at least
-    `min_agreement` of the positions (bisection over the budget; `make_plan(sel)` plans)."""
+    `min_agreement` of `check`'s positions (bisection over the budget; `make_plan(sel,
+    check=check)` plans, so a sensitivity allocation is measured once)."""
     from onnxcut.channels.surgery import extract
 
     if not 0 < min_agreement <= 1:
         raise DataError(f"--min-agreement {min_agreement}: a share, 0 < A <= 1")
-    if attributed and _overlaps(Path(images), Path(attributed)):
-        log.warning(
-            "%s holds the images the scores were attributed on: the agreement is optimistic; "
-            "pass held-out images",
-            images,
-        )
-    categories = list(sel.classes)
-    if sel.background is not None and sel.background not in categories:
-        categories = sorted({sel.background, *categories})
 
     def measure(share: float) -> tuple[dict, float] | None:
         try:
-            plan = make_plan(replace(sel, flops=share))
+            plan = make_plan(replace(sel, flops=share), check=check)
         except DataError as e:
             if "smallest reachable" in str(e):
                 return None
             raise
-        sub = extract(model, plan)
-        return plan, agreement(
-            sub, model, images, categories, preprocess=preprocess, threads=threads
-        )
+        return plan, check(extract(model, plan))
 
     full = measure(1.0)
     assert full is not None  # a budget of 1 keeps every channel
@@ -136,6 +148,23 @@ def guarded_plan(
         "agreement": round(reached, 6),
     }
     return plan
+
+
+def warn_if_attributed(images: str | os.PathLike[str], attributed: str | None) -> None:
+    """Agreement measured on the attributed images flatters the sub-network: say so."""
+    if attributed and _overlaps(Path(images), Path(attributed)):
+        log.warning(
+            "%s holds the images the scores were attributed on: the agreement is optimistic; "
+            "pass held-out images",
+            images,
+        )
+
+
+def chosen_categories(sel, task: str | None) -> list[int]:
+    """The categories a plan keeps: the chosen ones, and background for segmentation."""
+    if task == "segment" and sel.background is not None:
+        return sorted({sel.background, *sel.classes})
+    return list(sel.classes)
 
 
 def _overlaps(a: Path, b: Path) -> bool:

@@ -12,13 +12,13 @@ categories (for segmentation, background included: the head keeps it). Coupled p
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 from onnx import ModelProto
 
-from onnxcut.attribution import budget
+from onnxcut.attribution import budget, sensitivity
 from onnxcut.attribution.scores import Scores
 from onnxcut.errors import DataError
 
@@ -41,6 +41,9 @@ class Selection:
     keep_head: bool = False  # keep every category of the head (the original's probabilities)
     flops: float | None = None  # keep at most this share of the FLOPs (replaces alpha/beta)
     params: float | None = None  # keep at most this share of the parameters
+    # how a budget is spread over groups: a key of budget.ALLOCATIONS; None picks
+    # sensitivity where images to measure it on are given, else uniform
+    allocate: str | None = None
 
 
 def parse_classes(text: str | Sequence[int | str], categories: Sequence[str]) -> tuple[int, ...]:
@@ -207,8 +210,14 @@ def _chosen_layers(scores: Scores, spec: str | None) -> list[str]:
     return names
 
 
-def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
-    """Return the plan JSON (onnxcut.plan/1) for the chosen categories."""
+def make_plan(
+    model: ModelProto, scores: Scores, sel: Selection, *, check: Callable | None = None
+) -> dict:
+    """Return the plan JSON (onnxcut.plan/1) for the chosen categories.
+
+    `check` (an `agreement.AgreementCheck` on held-out images) lets a budget be allocated by
+    measured sensitivity; its measurements are kept on it for later plans.
+    """
     from onnxcut.channels.deps import trace
 
     if sel.rank not in ("scores", "l1"):
@@ -295,21 +304,7 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
         return _plan_dict(scores, groups, sel, keep)
 
     if measure is not None:
-        normalised = {
-            gid: budget.normalise(_layer_scores(scores, owner[gid], sel)) for gid in owner
-        }
-        share = sel.flops if measure == "flops" else sel.params
-        plan, reached = budget.fit(
-            model,
-            normalised,
-            plan_for,
-            measure,
-            share,
-            min_keep=sel.min_keep or 1,
-            round_to=sel.round_to,
-        )
-        plan["selection"] = {measure: share, f"{measure}_reached": round(reached, 6)}
-        return plan
+        return _budget_plan(model, scores, sel, keep_by_group, owner, plan_for, measure, check)
     counts = {}
     for gid, kept in keep_by_group.items():
         layer = owner[gid]
@@ -324,6 +319,43 @@ def make_plan(model: ModelProto, scores: Scores, sel: Selection) -> dict:
             target = -(-target // sel.round_to) * sel.round_to
         counts[gid] = min(target, kept.size)
     return plan_for(counts)
+
+
+def _budget_plan(model, scores, sel, keep_by_group, owner, plan_for, measure, check) -> dict:
+    """The plan meeting `sel`'s FLOPs or parameter budget (see budget.py)."""
+    allocation = sel.allocate or ("sensitivity" if check is not None else "uniform")
+    if allocation not in budget.ALLOCATIONS:
+        raise DataError(f"--allocate '{allocation}': use {', '.join(budget.ALLOCATIONS)}")
+    info = budget.Groups(
+        {gid: len(kept) for gid, kept in keep_by_group.items()},
+        {gid: _layer_scores(scores, owner[gid], sel) for gid in keep_by_group},
+    )
+    if allocation == "sensitivity":
+        if check is None:
+            raise DataError("--allocate sensitivity measures on images: pass --data DIR")
+        key = (sel.classes, sel.criterion, sel.rank, sel.layers, measure)
+        cache = check.__dict__.setdefault("sensitivity", {})
+        if key not in cache:
+            sensitivity.measure_into(info, model, plan_for, check, measure)
+            cache[key] = info
+        info = cache[key]
+    share = sel.flops if measure == "flops" else sel.params
+    plan, reached = budget.fit(
+        model,
+        budget.ALLOCATIONS[allocation](info),
+        info.sizes,
+        plan_for,
+        measure,
+        share,
+        min_keep=sel.min_keep or 1,
+        round_to=sel.round_to,
+    )
+    plan["selection"] = {
+        measure: share,
+        f"{measure}_reached": round(reached, 6),
+        "allocation": allocation,
+    }
+    return plan
 
 
 def _plan_dict(scores: Scores, groups, sel: Selection, plan_keep: dict) -> dict:
