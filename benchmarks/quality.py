@@ -103,10 +103,16 @@ def unlabeled_images(setup: Setup) -> Path:
     return setup.unlabeled
 
 
-def score_distilled(setup: Setup, plan: Mapping, classes: Sequence[int], tmp: Path) -> dict:
-    """Extract the plan's sub-network, distill it for one epoch, and evaluate it."""
+def score_distilled(
+    setup: Setup,
+    plan: Mapping,
+    classes: Sequence[int],
+    tmp: Path,
+    opts: DistillOptions | None = None,
+) -> dict:
+    """Extract the plan's sub-network, distill it (one epoch by default), and evaluate it."""
     sub = extract(setup.model, dict(plan))
-    opts = DistillOptions(threads=setup.threads)
+    opts = opts or DistillOptions(threads=setup.threads)
     path = tmp / "distilled.onnx"
     save(distill(sub, setup.model, unlabeled_images(setup), opts), path)
     return score_model(setup, path, classes)

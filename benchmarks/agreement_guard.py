@@ -1,0 +1,92 @@
+"""What `--min-agreement A` costs and keeps: the smallest sub-network agreeing with the original.
+
+For each sample model and digit subset: `plan --min-agreement A --data UNLABELED` (the budget
+bisected; each layer's sensitivity measured on the same held-out images, 64 of the unlabeled
+split), then the FLOPs kept, the agreement reached on those images, and the metric kept on
+the validation split (category-customised task, labels used only here). No training.
+
+    .venv/bin/python benchmarks/agreement_guard.py [--models a,b] [--subsets 1,2,5] [--min 0.95]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from functools import partial
+from collections.abc import Sequence
+from pathlib import Path
+
+from quality import (
+    MODELS,
+    cached_scores,
+    categories,
+    digit_subsets,
+    ratios,
+    sample_setup,
+    score_model,
+    score_plan,
+    table,
+    unlabeled_images,
+)
+
+from onnxcut.attribution.agreement import AgreementCheck, guarded_plan
+from onnxcut.attribution.selection import Selection, make_plan
+from onnxcut.errors import DataError
+from onnxcut.graph.io import load
+
+COLUMNS = ("model", "digits", "min_agreement", "agreement", "flops_kept", "metric_kept")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--subsets", default="1,2,5", help="subset sizes (digits of a seeded order)")
+    p.add_argument("--min", type=float, default=0.95, help="the agreement to keep")
+    p.add_argument("--work", type=Path, default=None, help="cache folder for scores (.npz)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            setup = sample_setup(name, threads=args.threads)
+            scores = cached_scores(setup, work)
+            model = load(setup.model)
+            for digits in digit_subsets([int(s) for s in args.subsets.split(",")]).values():
+                classes = categories(setup, digits)
+                kept = sorted({0, *classes}) if setup.task == "segment" else list(classes)
+                check = AgreementCheck(
+                    model, unlabeled_images(setup), kept, limit=64, threads=args.threads
+                )
+                row = {
+                    "model": name,
+                    "digits": ",".join(map(str, digits)),
+                    "min_agreement": args.min,
+                }
+                try:
+                    plan = guarded_plan(
+                        model,
+                        partial(make_plan, model, scores),
+                        Selection(classes),
+                        check,
+                        args.min,
+                    )
+                except DataError as e:  # only the whole model agrees
+                    print(f"{name} {digits}: {e}\n")
+                    rows.append({**row, "agreement": "whole model only"})
+                    continue
+                ref = score_model(setup, setup.model, classes)
+                got = ratios(score_plan(setup, plan, classes, Path(tmp)), ref)
+                row.update(
+                    agreement=plan["selection"]["agreement"],
+                    flops_kept=got["flops_kept"],
+                    metric_kept=got["metric_kept"],
+                )
+                rows.append(row)
+                print(table(rows[-1:], COLUMNS) + "\n", flush=True)
+    print(f"## --min-agreement {args.min}, no training\n\n" + table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
