@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from quality import (
