@@ -322,3 +322,37 @@ class NetBuilder:
         n, c, h, w = self.shape(x)
         y = self.reshape(x, [n, groups, c // groups, h, w])
         return self.reshape(self.transpose(y, [0, 2, 1, 3, 4]), [n, c, h, w])
+
+    # -- spellings of real exports ------------------------------------------------------------
+    def reshaped_bias(self, x: str) -> str:
+        """x + Reshape(bias, [1, C, 1, 1]): a conv bias as PaddlePaddle exports add it."""
+        c = self.channels(x)
+        bias = self.const((self.rng.standard_normal(c) * 0.1).astype(np.float32), "rbias")
+        return self.add(x, self._node("Reshape", [bias, self._int64([1, c, 1, 1])]))
+
+    def bn_spelled(self, x: str, eps: float = 1e-5) -> str:
+        """BatchNorm as older exports write it: x * Reshape(gamma / sqrt(var + eps)) +
+        Reshape(beta - mean * scale), every step a node on constants."""
+        c = self.channels(x)
+        r = self.rng
+        gamma, var = (self.const(r.uniform(0.5, 1.5, c).astype(np.float32), n) for n in "gv")
+        beta, mean = (self.const((r.standard_normal(c) * 0.1).astype(np.float32), n) for n in "bm")
+        std = self._node("Sqrt", [self._node("Add", [var, self.const(np.float32(eps), "eps")])])
+        scale = self._node("Div", [gamma, std])
+        shift = self._node("Sub", [beta, self._node("Mul", [mean, scale])])
+        shape = self._int64([1, c, 1, 1])
+        y = self.mul(x, self._node("Reshape", [scale, shape]))
+        return self.add(y, self._node("Reshape", [shift, shape]))
+
+    def conv_fp16(self, x: str, cout: int, k: int = 3) -> str:
+        """Conv whose weights are stored as float16 and Cast to float, as fp16 exports do."""
+        w = self._rand(cout, self.channels(x), k, k).astype(np.float16)
+        weights = self._node("Cast", [self.const(w, "w16")], to=TensorProto.FLOAT)
+        p = (k - 1) // 2
+        return self._node("Conv", [x, weights], kernel_shape=[k, k], pads=[p] * 4)
+
+    def channel_shuffle_nhwc(self, x: str, groups: int) -> str:
+        """The channel shuffle of a TFLite conversion, on an NHWC tensor."""
+        n, h, w, c = self.shape(x)
+        y = self.reshape(x, [n, h, w, groups, c // groups])
+        return self.reshape(self.transpose(y, [0, 1, 2, 4, 3]), [n, h, w, c])

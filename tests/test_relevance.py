@@ -144,10 +144,10 @@ def test_finite_diff_is_refused_for_attribution(tmp_path):
 
 
 def test_grouped_conv_after_untraced_channels_runs():
-    """A depthwise Conv whose input channels are untraced (after a channel shuffle) still
-    routes relevance to its own outputs; it used to fail on a length mismatch."""
+    """A depthwise Conv whose input channels are untraced (after an LRN) still routes
+    relevance to its own outputs; it used to fail on a length mismatch."""
     b = NetBuilder((1, 3, 8, 8), seed=2)
-    x = b.channel_shuffle(b.relu(b.conv(b.input, 4)), 2)
+    x = b._node("LRN", [b.relu(b.conv(b.input, 4))], size=3)
     dw = b.relu(b.conv(x, 4, group=4))
     logits = b.gemm(b.flatten(b.gap(dw)), 3)
     model = load(b.build([logits]))

@@ -188,6 +188,22 @@ def _equal_blocks(groups, final: dict[int, np.ndarray], owner: dict[int, str], o
             changed = True
 
 
+def _selectable(groups, group, layer: str) -> bool:
+    """Whether a plan may name `layer` for its group: its channels must be the group's
+    classes one to one. A channel shuffle couples several channels of one producer into one
+    class; such groups stay whole here (a hand-written plan can still cut them exactly), as
+    a kept set chosen per channel could leave one of the shuffle's tensors empty."""
+    slots = groups.producer_slots[layer]
+    if len(slots) != group.channels:
+        return False  # e.g. the narrower input of a Pad-widened residual: another names it
+    for producer in group.producers:
+        classes = groups.slot_class[groups.producer_slots[producer]]
+        if len(np.unique(classes)) < len(classes):
+            log.info("group of '%s' is coupled by a channel shuffle: kept whole", layer)
+            return False
+    return True
+
+
 def _chosen_layers(scores: Scores, spec: str | None) -> list[str]:
     layers = scores.layers("forward")
     if not spec:
@@ -264,7 +280,7 @@ def make_plan(
         if layer not in groups.producer_slots:
             continue
         group = groups.group_of(layer)
-        if not group.prunable:
+        if not group.prunable or not _selectable(groups, group, layer):
             continue
         kept = select_layer(scores, layer, sel)
         if group.id in keep_by_group and keep_by_group[group.id].shape == kept.shape:

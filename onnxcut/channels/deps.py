@@ -25,6 +25,7 @@ from onnxcut.channels.registry import (
     Tracer,
     untraced,
 )
+from onnxcut.graph.folding import fold_constant_subgraphs
 from onnxcut.graph.io import GraphIndex, load
 
 
@@ -85,10 +86,16 @@ class ChannelTrace:
 
 
 def trace(model: ModelProto) -> ChannelTrace:
-    """Walk a loaded model once and return its channel groups and surgery records."""
+    """Walk a loaded model once and return its channel groups and surgery records.
+
+    The walk sees the model with its constant subgraphs folded (a bias reshaped to
+    (1, C, 1, 1) is a per-channel constant), so `index` may describe a folded copy: its node
+    and tensor names are those of `model`, and `surgery` maps what it records back by name.
+    """
     # The rule modules register themselves in CHANNEL_RULES on import.
     from onnxcut.channels import compute_rules, layout_rules, reshape_rules  # noqa: F401
 
+    model = fold_constant_subgraphs(model)
     index = GraphIndex(model)
     t = Tracer(index)
     for node in model.graph.node:

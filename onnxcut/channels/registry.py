@@ -7,6 +7,7 @@ graph. Nothing here imports the driver back.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -97,6 +98,9 @@ class Tracer:
         # (slots, n): a grouped Conv's input or output channels, split into n blocks that
         # must each keep the same number of channels.
         self.blocks: list[tuple[np.ndarray, int]] = []
+        # Channel shuffles seen at their splitting Reshape, by the name of the Reshape that
+        # merges the channels back (see reshape_rules._start_shuffle).
+        self.shuffles: dict[str, object] = {}
 
     # -- slots ------------------------------------------------------------------------------
     def new_slots(self, kind: str, name: str, n: int) -> np.ndarray:
@@ -145,6 +149,11 @@ class Tracer:
 
     def shape(self, name: str) -> list[int | str] | None:
         return self.index.shape(name) if name else None
+
+    @functools.cached_property
+    def subgraph_reads(self) -> set[str]:
+        """Outer-scope tensors that subgraphs (If, Loop, Scan) read without listing them."""
+        return {x for n in self.index.graph.node for x in _subgraph_names(n)}
 
     def rank(self, name: str) -> int | None:
         d = self.shape(name)

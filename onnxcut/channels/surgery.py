@@ -4,6 +4,12 @@
 weights for removed input channels are zero. `extract` computes the same values on every
 kept channel with smaller tensors. Initializers and nodes the plan does not touch stay
 bit-identical.
+
+The trace sees constant subgraphs folded (deps.trace). Where a cut must change one's result
+(a bias reshaped to (1, C, 1, 1), weights cast from float16), the consuming input gets an
+initializer holding the sliced (or, in `mask`, zeroed) folded value, which is exactly what
+the subgraph computed on the kept channels; the subgraph goes when nothing else reads it.
+Subgraphs the plan does not touch stay as exported.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from onnxcut.channels.inspection import require_layers
 from onnxcut.channels.plan import Plan, PlanLike, as_plan, resolve
 from onnxcut.channels.registry import ConstSlice, EditContext
 from onnxcut.graph.io import load, sha256
-from onnxcut.graph.shapes import infer_shapes
+from onnxcut.graph.shapes import declare_types_inplace, infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ def extract(model: ModelLike, plan: PlanLike, *, input_shapes: Shapes | None = N
     _record_categories(proto, channels, kept, plan)
     if plan.selection:  # how the plan was chosen: a budget, an agreement guard
         _set_meta(proto, SELECTION_KEY, json.dumps(plan.selection, sort_keys=True))
-    onnx.checker.check_model(proto)
+    _check(proto)
     return proto
 
 
@@ -62,8 +68,33 @@ def mask(model: ModelLike, plan: PlanLike, *, input_shapes: Shapes | None = None
     """Return the same-shaped model with removed channels' consumer weights zeroed."""
     proto, channels, kept, _ = _prepare(model, plan, input_shapes)
     _Cut(proto, channels, kept, slice_out=False).apply()
-    onnx.checker.check_model(proto)
+    _check(proto)
     return proto
+
+
+def _check(model: ModelProto) -> None:
+    """Declare initializers as the IR version wants, then run the ONNX checker.
+
+    The IR lets a graph input or output leave out its shape (any rank), the checker does not:
+    one that neither the export nor shape inference gives a shape stays as exported, and the
+    checker checks everything else on a copy that gives it an empty one.
+    """
+    declare_types_inplace(model)
+    io = [*model.graph.input, *model.graph.output]
+    unknown = [v.name for v in io if _rankless(v)]
+    if unknown:
+        log.info("inputs/outputs of unknown rank, kept so: %s", ", ".join(unknown))
+        probe = ModelProto()
+        probe.CopyFrom(model)
+        for v in [*probe.graph.input, *probe.graph.output]:
+            if _rankless(v):
+                v.type.tensor_type.shape.SetInParent()
+        model = probe
+    onnx.checker.check_model(model)
+
+
+def _rankless(value: onnx.ValueInfoProto) -> bool:
+    return value.type.HasField("tensor_type") and not value.type.tensor_type.HasField("shape")
 
 
 def _prepare(
@@ -91,10 +122,12 @@ class _Cut(EditContext):
         self.channels = channels
         self.slice_out = slice_out
         self.kept_slot = kept_class[channels.slot_class] if len(kept_class) else np.zeros(0, bool)
-        self.nodes = channels.index.nodes
-        self._names = {t.name for t in model.graph.initializer} | {
-            o for n in model.graph.node for o in n.output
-        }
+        # The trace may describe a folded copy (deps.trace): reach this model's nodes by name.
+        self.nodes = {n.name: n for n in model.graph.node}
+        self._folded = set(self.nodes) - set(channels.index.nodes)
+        self._initializers = {t.name for t in model.graph.initializer}
+        self._names = self._initializers | {o for n in model.graph.node for o in n.output}
+        self._used = self._uses()
         self._replaced: set[str] = set()
 
     # -- EditContext -------------------------------------------------------------------------
@@ -104,6 +137,7 @@ class _Cut(EditContext):
     def set_attr(self, node: NodeProto, name: str, value: object) -> None:
         if not self.slice_out:
             return
+        node = self.nodes[node.name]
         for i, a in enumerate(node.attribute):
             if a.name == name:
                 del node.attribute[i]
@@ -114,6 +148,7 @@ class _Cut(EditContext):
     def set_const(self, node: NodeProto, input_index: int, value: np.ndarray) -> None:
         if not self.slice_out:
             return
+        node = self.nodes[node.name]
         while len(node.input) <= input_index:
             node.input.append("")
         old = node.input[input_index]
@@ -177,8 +212,11 @@ class _Cut(EditContext):
             (n.name, i) for n in self.model.graph.node for i, x in enumerate(n.input) if x == name
         ]
         values = list(per_use.values())
-        shared = len(per_use) == len(refs) and all(
-            v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values
+        # A folded tensor (a constant subgraph's result) is replaced use by use, never in place.
+        shared = (
+            name in self._initializers
+            and len(per_use) == len(refs)
+            and all(v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values)
         )
         if shared and name not in {o.name for o in self.model.graph.output}:
             self._replace_initializer(name, values[0])
@@ -200,10 +238,31 @@ class _Cut(EditContext):
                     helper.make_tensor_value_info(name, v.type.tensor_type.elem_type, value.shape)
                 )
 
+    def _uses(self) -> set[str]:
+        graph = self.model.graph
+        return {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+
     def _drop_unused(self) -> None:
-        used = {x for n in self.model.graph.node for x in n.input} | {
-            o.name for o in self.model.graph.output
-        }
+        """Drop what the cut left unused: initializers it replaced, and the folded constant
+        subgraphs whose results it replaced by sliced copies."""
+        graph = self.model.graph
+        used = self._uses()
+        while True:
+            dead = [
+                n
+                for n in graph.node
+                if n.name in self._folded
+                and any(o in self._used for o in n.output)
+                and not any(o in used for o in n.output)
+            ]
+            if not dead:
+                break
+            names = {n.name for n in dead}
+            keep = [n for n in graph.node if n.name not in names]
+            del graph.node[:]
+            graph.node.extend(keep)
+            self._replaced.update(x for n in dead for x in n.input)
+            used = self._uses()
         stale = self._replaced - used
         if not stale:
             return

@@ -21,6 +21,7 @@ from onnx import ModelProto, NodeProto, TensorProto, external_data_helper, numpy
 
 from onnxcut.errors import ModelError, OutputError
 from onnxcut.graph.shapes import (
+    declare_types_inplace,
     dims,
     fix_input_shapes_inplace,
     graph_inputs,
@@ -55,6 +56,7 @@ def load(
     _check_structure(proto, source)
     name_nodes_inplace(proto)
     fold_constants_inplace(proto)
+    declare_types_inplace(proto)
     if input_shapes:
         fix_input_shapes_inplace(proto, input_shapes)
     return infer_shapes(proto)
@@ -190,12 +192,7 @@ def fold_constants_inplace(model: ModelProto) -> ModelProto:
     del graph.node[:]
     graph.node.extend(keep)
     graph.initializer.extend(added)
-    if model.ir_version < 4:
-        # Before IR 4 every initializer must also be declared as a graph input.
-        graph.input.extend(
-            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in added
-        )
-    return model
+    return model  # load() declares them as graph inputs where the IR version wants it
 
 
 def _constant_value(node: NodeProto) -> TensorProto | None:

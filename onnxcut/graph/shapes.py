@@ -72,11 +72,56 @@ def fix_input_shapes_inplace(model: ModelProto, shapes: Mapping[str, Sequence[in
         tensor_type.shape.Clear()
         for d in shape:
             tensor_type.shape.dim.add().dim_value = int(d)
-    # Stale shapes downstream of the fixed inputs are re-inferred by infer_shapes().
+    # Stale shapes downstream of the fixed inputs are re-inferred by infer_shapes(). Outputs
+    # keep their rank: an output without a shape field fails the ONNX checker, and inference
+    # cannot always give one back.
     del model.graph.value_info[:]
     for out in model.graph.output:
-        out.type.tensor_type.ClearField("shape")
+        if out.type.tensor_type.HasField("shape"):
+            for dim in out.type.tensor_type.shape.dim:
+                dim.Clear()
     return model
+
+
+def declare_types_inplace(model: ModelProto) -> ModelProto:
+    """Make declared types agree with the initializers and drop those that say nothing.
+
+    Graph inputs naming an initializer take its type and dims (exporters leave the shape out,
+    surgery changes the dims); before IR 4 every initializer is declared as a graph input.
+    value_info entries without a tensor shape are dropped: inference derives nothing from
+    them, and a shape-less type is what the ONNX checker refuses.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    declared = set()
+    for value in graph.input:
+        t = inits.get(value.name)
+        if t is not None:
+            value.type.CopyFrom(_tensor_type(t))
+            declared.add(value.name)
+    if model.ir_version < 4:
+        graph.input.extend(
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            for t in graph.initializer
+            if t.name not in declared
+        )
+    useful = [v for v in graph.value_info if not _says_nothing(v)]
+    if len(useful) < len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(useful)
+    return model
+
+
+def _tensor_type(t: TensorProto) -> onnx.TypeProto:
+    return onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)).type
+
+
+def _says_nothing(value: onnx.ValueInfoProto) -> bool:
+    """No type, or a tensor type without element type or shape."""
+    if not value.type.HasField("tensor_type"):
+        return value.type.WhichOneof("value") is None
+    tensor = value.type.tensor_type
+    return not tensor.elem_type or not tensor.HasField("shape")
 
 
 def default_batch_inplace(model: ModelProto) -> list[str]:
