@@ -11,6 +11,9 @@ For one model and digit subset (default deeplab_digits, the 2-digit subset of qu
                Disassembler on a log-softmax objective instead of the raw logit
     channels   remove single channels of the most sensitive layers and rank-correlate the
                metric lost with each score (which score predicts real damage)
+    allocations  per-layer kept counts of the default plan and of --flops budgets (at the
+               plan's own FLOPs and at 0.5) spread uniform or by measured sensitivity (on 64
+               unlabeled images), next to each layer's damage when cut alone
 
     .venv/bin/python benchmarks/quality_explore.py [--model M] [--size 2] [--work DIR]
 """
@@ -43,9 +46,11 @@ from quality import (
     score_model,
     score_plan,
     table,
+    unlabeled_images,
     zero_vectors,
 )
 
+from onnxcut.attribution.agreement import AgreementCheck
 from onnxcut.attribution.driver import AttributeOptions, attribute
 from onnxcut.attribution.scores import Scores, load_scores, save_scores
 from onnxcut.attribution.selection import Selection, filter_l1, make_plan, mass_set
@@ -218,6 +223,38 @@ def channels_vs_scores(
     return rows
 
 
+def allocations(
+    setup: Setup, scores: Scores, classes: Sequence[int], tmp: Path, alone: Sequence[dict]
+) -> list[dict]:
+    """Kept counts per layer: the default plan, and budgets at its FLOPs and at 0.5 spread
+    uniform or by sensitivity; the last row is the whole sub-network's metric kept."""
+    model = load(setup.model)
+    channels = trace(model)
+    ref = score_model(setup, setup.model, classes)
+    base = make_plan(model, scores, Selection(tuple(classes)))
+    share = ratios(score_plan(setup, base, classes, tmp), ref)
+    kept = sorted({0, *classes}) if setup.task == "segment" else list(classes)
+    check = AgreementCheck(model, unlabeled_images(setup), kept, limit=64)
+    plans = {"plan": base}
+    for flops in (round(share["flops_kept"], 3), 0.5):
+        for how in ("uniform", "sensitivity"):
+            sel = Selection(tuple(classes), flops=flops, allocate=how)
+            plans[f"{how} @{flops}"] = make_plan(model, scores, sel, check=check)
+    damage = {r["layer"]: r["disassembler"] for r in alone}
+    rows = []
+    for layer in base["keep"]:
+        row = {"layer": layer.split("/")[-2] if "/" in layer else layer}
+        row["alone"] = damage.get(layer, "")
+        for name, plan in plans.items():
+            row[name] = f"{len(plan['keep'].get(layer, []))}/{channels.group_of(layer).channels}"
+        rows.append(row)
+    total: dict = {"layer": "metric kept (FLOPs kept)", "alone": ""}
+    for name, plan in plans.items():
+        r = ratios(score_plan(setup, plan, classes, tmp), ref)
+        total[name] = f"{r['metric_kept']:.3f} ({r['flops_kept']:.3f})"
+    return [*rows, total]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="deeplab_digits")
@@ -225,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=None, help="cache folder for scores (.npz)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--channel-layers", type=int, default=2, help="most sensitive layers to probe")
+    p.add_argument("--only", choices=["allocations"], help="run one part only")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -238,6 +276,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         found = sensitivity(setup, plan, classes, Path(tmp))
         cols = ("layer", "kept", "flops_kept", "disassembler", "l1", "random")
         print(f"## One layer cut at a time (metric kept)\n\n{table(found, cols)}\n", flush=True)
+        rows = allocations(setup, scores, classes, Path(tmp), found)
+        title = "## Allocations: kept/total per layer ('alone': metric kept, plan's cut alone)"
+        print(f"{title}\n\n{table(rows, list(rows[0]))}\n", flush=True)
+        if args.only == "allocations":
+            return
         worst = [r["layer"] for r in sorted(found, key=lambda r: r["disassembler"])]
         found = budgets(setup, scores, classes, Path(tmp), (0.5, 0.75, 0.9))
         cols = ("counts", "flops_kept", "latency_ms_kept", *list(found[0])[3:])
