@@ -175,10 +175,13 @@ def by_sensitivity(groups: Groups) -> Callable[[float], dict[int, float]]:
         ys = np.array([losses[0], *losses, 0.0])
         curves[gid] = np.interp(SHARES, xs, ys)
     savings = {gid: max(groups.savings.get(gid, 0.0), 1e-9) for gid in groups.losses}
+    typical = max(float(np.median([c.max() for c in curves.values()])), 1e-3)
+    # A small convex penalty on the share cut: groups whose measured loss is flat (zero
+    # where nothing was lost) are then cut gradually as the rate rises, not all at once.
+    for gid in curves:
+        curves[gid] = curves[gid] + 0.05 * typical * (1.0 - SHARES) ** 2
     # The exchange rate's scale: a typical loss per typical saving.
-    scale = max(np.median([c.max() for c in curves.values()]), 1e-6) / np.median(
-        list(savings.values())
-    )
+    scale = typical / float(np.median(list(savings.values())))
 
     def shares(t: float) -> dict[int, float]:
         if t >= 1.0:
