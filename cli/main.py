@@ -15,6 +15,7 @@ from onnxcut.errors import OnnxcutError
 
 # verb -> "module:function"; modules load only when their verb runs, so --help stays fast.
 COMMANDS = {
+    "assemble": "onnxcut.cli.assemble:assemble_cmd",
     "attribute": "onnxcut.cli.attribute:attribute_cmd",
     "distill": "onnxcut.cli.distill:distill_cmd",
     "inspect": "onnxcut.cli.inspect:inspect_cmd",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from onnxcut._version import __version__
+from onnxcut.assemble import AssembleOptions, Part, assemble
 from onnxcut.attribution import (
     AttributeOptions,
     Scores,
@@ -29,6 +30,7 @@ from onnxcut.graph import GraphIndex, load, save
 from onnxcut.train import DistillOptions, distill
 
 __all__ = [
+    "AssembleOptions",
     "AttributeOptions",
     "ChannelGroup",
     "DataError",
@@ -39,6 +41,7 @@ __all__ = [
     "ModelError",
     "OnnxcutError",
     "OutputError",
+    "Part",
     "Plan",
     "PlanError",
     "RuntimeMissingError",
@@ -46,6 +49,7 @@ __all__ = [
     "Selection",
     "UnsupportedOpError",
     "__version__",
+    "assemble",
     "attribute",
     "build_groups",
     "channel_sums",

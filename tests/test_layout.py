@@ -9,7 +9,7 @@ from pathlib import Path
 import onnxcut
 
 ROOT = Path(onnxcut.__file__).parent
-STAGES = ["graph", "channels", "grad", "attribution", "train", "evaluation"]
+STAGES = ["graph", "channels", "grad", "attribution", "train", "assemble", "evaluation", "report"]
 
 
 def _module_name(path: Path) -> str:

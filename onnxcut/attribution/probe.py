@@ -105,7 +105,10 @@ def find_head(
 
 
 def output_categories(model: ModelProto, head: Head) -> list[int] | None:
-    """Original category of each output channel, from `onnxcut.categories`, or None."""
+    """Original category of each output channel, from `onnxcut.categories`, or None.
+
+    An assembled model records [part, original category] pairs; the category is the name.
+    """
     meta = {p.key: p.value for p in model.metadata_props}
     if CATEGORIES_KEY not in meta:
         return None
@@ -116,7 +119,13 @@ def output_categories(model: ModelProto, head: Head) -> list[int] | None:
             f"metadata {CATEGORIES_KEY} does not describe output '{head.output}' "
             f"({head.n_categories} channels); re-extract the model"
         )
-    return [int(c) for c in cats]
+    return [int(c[1]) if isinstance(c, list) else int(c) for c in cats]
+
+
+def output_origins(model: ModelProto, head: Head) -> list | None:
+    """The raw `onnxcut.categories` entries of the category output (pairs when assembled)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    return json.loads(meta[CATEGORIES_KEY]).get(head.output) if CATEGORIES_KEY in meta else None
 
 
 def probabilities(scores: np.ndarray, head: Head, outputs: np.ndarray | None = None) -> np.ndarray:

@@ -64,7 +64,8 @@ def _candidates(
             f"{source}: categories {missing} are not among its outputs "
             f"({cats}); evaluate it with --classes from those"
         )
-    return np.array([cats.index(c) for c in wanted])
+    # Every channel naming a wanted category: assembled parts may share a category.
+    return np.array([i for i, c in enumerate(cats) if c in wanted])
 
 
 def evaluate(
@@ -191,11 +192,12 @@ def _segmentation(sess, input_name, head, cats, paths, root, pre, opts, model) -
 
 def _classification(sess, input_name, head, cats, paths, root, pre, opts, model) -> dict:
     mapping = data.class_folders(root, opts.class_names)
-    if cats is None:
+    sub = cats is not None  # a sub-network may keep categories 0..k-1 and still be one
+    if not sub:
         cats = list(range(head.n_categories))
     channels = _candidates(cats, opts.classes, None, str(model))
     wanted = set(opts.classes) if opts.classes is not None else set(cats)
-    if max(mapping.values()) >= head.n_categories and cats == list(range(head.n_categories)):
+    if not sub and max(mapping.values()) >= head.n_categories:
         raise DataError(
             f"class folders go up to {max(mapping.values())}, the model has "
             f"{head.n_categories} outputs; a sub-network needs its "
