@@ -24,6 +24,7 @@ COMMANDS = {
     "mask": "onnxcut.cli.mask:mask_cmd",
     "merge": "onnxcut.cli.merge:merge_cmd",
     "plan": "onnxcut.cli.plan:plan_cmd",
+    "report": "onnxcut.cli.report:report_cmd",
 }
 
 

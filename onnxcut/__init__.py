@@ -27,6 +27,7 @@ from onnxcut.errors import (
 from onnxcut.evaluation import EvalOptions, evaluate
 from onnxcut.grad import GradientSession, channel_sums, gradients
 from onnxcut.graph import GraphIndex, load, save
+from onnxcut.report import ReportOptions, report
 from onnxcut.train import DistillOptions, distill
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "Part",
     "Plan",
     "PlanError",
+    "ReportOptions",
     "RuntimeMissingError",
     "Scores",
     "Selection",
@@ -63,6 +65,7 @@ __all__ = [
     "make_plan",
     "mask",
     "merge",
+    "report",
     "save",
     "save_scores",
     "summarize",
