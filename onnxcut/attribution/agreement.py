@@ -1,9 +1,13 @@
 """Agreement of a sub-network with its original, label-free, and the smallest plan that
 keeps a required agreement (`--min-agreement`).
 
-Agreement counts the positions (pixels, or images for classifiers) that the original assigns
-to one of the chosen categories (background included for segmentation): the share of them
-where the sub-network's argmax over those categories names the same category.
+The positions counted are those (pixels, or images for classifiers) that the original
+assigns to one of the chosen categories (background included for segmentation). For a
+classifier, agreement is the share of them where the sub-network's argmax over those
+categories names the same category. For a segmenter it is the mean over categories of the
+IoU between the sub-network's and the original's maps: pixel agreement let background
+dominate (0.95 of the pixels agreeing kept 0.47 of deeplab's mIoU on digits {4, 6}), and
+mIoU is what a user keeps.
 """
 
 from __future__ import annotations
@@ -73,16 +77,24 @@ class AgreementCheck:
         if missing:
             raise DataError(f"the sub-network does not output categories {missing}")
         positions = np.array([cats.index(c) for c in self.categories])
-        wanted = np.array(self.categories)
         sess = session(sub, self.provider, self.threads)
         name = sess.get_inputs()[0].name
-        same = total = 0
+        k = len(self.categories)
+        cats_array = np.asarray(self.categories)
+        order = np.argsort(cats_array, kind="stable")
+        confusion = np.zeros((k, k), np.int64)  # original x sub, over counted positions
         for x, top, counted in zip(self.inputs, self.tops, self.counted, strict=True):
             (out,) = sess.run([head.output], {name: x})
-            sub_top = wanted[np.take(out, positions, axis=head.axis).argmax(axis=head.axis)]
-            same += int((counted & (sub_top == top)).sum())
-            total += int(counted.sum())
-        return same / total
+            sub_top = np.take(out, positions, axis=head.axis).argmax(axis=head.axis)
+            # Each counted position's category as its index in self.categories.
+            original = order[np.searchsorted(cats_array[order], top[counted])]
+            np.add.at(confusion, (original, sub_top[counted]), 1)
+        if not head.spatial:
+            return float(np.trace(confusion) / confusion.sum())
+        hits = np.diag(confusion).astype(np.float64)
+        union = confusion.sum(0) + confusion.sum(1) - hits
+        present = confusion.sum(1) > 0  # categories the original shows
+        return float(np.mean(hits[present] / union[present]))
 
 
 def agreement(
