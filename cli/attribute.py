@@ -130,15 +130,25 @@ def attribute_cmd(
         input_shapes=parse_input_shapes(input_shapes),
     )
     checkpoint = out_path.with_name(out_path.name + ".partial")
-    with click.progressbar(length=1, label="attribute", file=sys.stderr, show_pos=True) as bar:
+    # The bar starts at the first batch, so errors found while loading stay one line.
+    bars: list = []
 
-        def progress(done: int, total: int) -> None:
-            bar.length = total
-            bar.update(done - bar.pos)
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(
+                click.progressbar(
+                    length=total, label="attribute", file=sys.stderr, show_pos=True
+                ).__enter__()
+            )
+        bars[0].update(done - bars[0].pos)
 
+    try:
         scores = attribute(
             model, data_dir, opts, checkpoint=checkpoint, resume=resume, progress=progress
         )
+    finally:
+        if bars:
+            bars[0].__exit__(None, None, None)
     scores.meta.pop("done", None)
     save_scores(scores, out_path)
     checkpoint.unlink(missing_ok=True)

@@ -16,12 +16,23 @@ from onnxcut.cli.options import model_argument
 @click.option("--classes", help="Evaluate the category-customised task for these, e.g. 4,8.")
 @click.option("--background", type=int, default=0, show_default=True)
 @click.option("--output", help="Output holding the categories (default: the only one).")
+@click.option("--category-axis", type=int, help="Category axis of that output (default 1).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu")
 @click.option("--threads", type=int)
 @click.option("--runs", type=int, default=20, show_default=True, help="Latency repetitions.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_cmd(
-    model, data_dir, masks, classes, background, output, provider, threads, runs, as_json
+    model,
+    data_dir,
+    masks,
+    classes,
+    background,
+    output,
+    category_axis,
+    provider,
+    threads,
+    runs,
+    as_json,
 ) -> None:
     """Score MODEL on --data: mIoU or top-1, params, FLOPs and median latency."""
     from onnxcut.attribution.selection import parse_classes
@@ -38,6 +49,7 @@ def eval_cmd(
             classes=chosen,
             background=background,
             output=output,
+            category_axis=category_axis,
             provider=provider,
             threads=threads,
             latency_runs=runs,

@@ -256,24 +256,47 @@ class Batch:
     sizes: list[tuple[int, int]]  # original (H, W) of each image
 
 
+class Skipped:
+    """Warnings for unreadable images, held back until one image has been read, so a folder
+    where none can be read ends in its one error line."""
+
+    def __init__(self, hold: bool = True):
+        self.held: list[Path] | None = [] if hold else None
+
+    def skip(self, path: Path) -> None:
+        if self.held is None:
+            log.warning("%s: unreadable or corrupt image, skipped", path)
+        else:
+            self.held.append(path)
+
+    def read(self) -> None:
+        for path in self.held or []:
+            log.warning("%s: unreadable or corrupt image, skipped", path)
+        self.held = None
+
+    def error(self, total: int) -> DataError:
+        first = f" ({self.held[0]} first)" if self.held else ""
+        return DataError(f"none of the {total} images could be read{first}; check the files")
+
+
 def batches(paths: Sequence[Path], pre: Preprocess, batch: int) -> Iterator[Batch]:
     """Yield preprocessed batches; unreadable images are skipped with a warning."""
-    readable = 0
+    skipped = Skipped()
     group: list[tuple[Path, np.ndarray]] = []
     for path in paths:
         image = read_image(path, pre)
         if image is None:
-            log.warning("%s: unreadable or corrupt image, skipped", path)
+            skipped.skip(path)
             continue
-        readable += 1
+        skipped.read()
         group.append((path, image))
         if len(group) == batch:
             yield _batch(group, pre)
             group = []
     if group:
         yield _batch(group, pre)
-    if not readable:
-        raise DataError(f"none of the {len(paths)} images could be read; check the files")
+    if skipped.held is not None:
+        raise skipped.error(len(paths))
 
 
 def _batch(group: list[tuple[Path, np.ndarray]], pre: Preprocess) -> Batch:

@@ -182,14 +182,16 @@ def attribute(
     paths = data.shard(paths, k, n)
     done = saved = int(scores.meta["done"])
     step = max(opts.batch, 1)
+    skipped = data.Skipped(hold=scores.meta["images"] == 0)
     for start in range(done, len(paths), step):
         chunk = paths[start : start + step]
         for path in chunk:
             image = data.read_image(path, pre)
             if image is None:
-                log.warning("%s: unreadable or corrupt image, skipped", path)
+                skipped.skip(path)
                 scores.meta["skipped"] += 1
                 continue
+            skipped.read()
             x = data.to_input(image, pre)[None]
             if chosen is not None:
                 _accumulate(scores, runner, x, head, task, 0.0, chosen[path], route)
@@ -198,13 +200,13 @@ def attribute(
                 _accumulate(scores, runner, x, head, task, opts.tau, label, route)
             scores.meta["images"] += 1
         scores.meta["done"] = start + len(chunk)
-        if progress:
+        if progress and scores.meta["images"]:  # none readable yet: the error stays alone
             progress(scores.meta["done"], len(paths))
         if checkpoint and scores.meta["done"] - saved >= opts.checkpoint_every:
             save_scores(scores, checkpoint)
             saved = scores.meta["done"]
     if scores.meta["images"] == 0:
-        raise DataError(f"none of the {len(paths)} images could be read; check the files")
+        raise skipped.error(len(paths))
     return scores
 
 

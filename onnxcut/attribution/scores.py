@@ -119,17 +119,25 @@ def load_scores(path: str | os.PathLike[str], model_sha256: str | None = None) -
         meta = json.loads(str(content.pop("meta")))
         categories = [str(c) for c in content.pop("categories")]
         count = content.pop("count").astype(np.float64)
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, TypeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
         raise DataError(
             f"{path}: not an onnxcut scores file (meta, categories or count "
-            "missing); re-run attribute"
-        ) from None
+            "missing or unreadable); re-run attribute"
+        )
     if meta.get("format") != FORMAT:
         raise DataError(f"{path}: format {meta.get('format')!r}, expected {FORMAT}")
     k = len(categories)
     for key, array in content.items():
-        if key.split("/", 1)[0] not in KINDS or array.ndim != 2 or array.shape[0] != k:
+        kind, _, layer = key.partition("/")
+        shaped = array.ndim == 2 and array.shape[0] == k and array.dtype.kind in "fiu"
+        if kind not in KINDS or not layer or not shaped:
             raise DataError(f"{path}: array '{key}' is not (K={k}, C); the file is corrupt")
+        if not np.isfinite(array).all():
+            raise DataError(f"{path}: array '{key}' holds NaN or infinite values; re-run attribute")
+    if count.shape != (k,) or not np.isfinite(count).all():
+        raise DataError(f"{path}: 'count' is not {k} finite image counts; the file is corrupt")
     if model_sha256 is not None and meta.get("model_sha256") != model_sha256:
         raise DataError(
             f"{path}: scores belong to another model (sha256 {str(meta.get('model_sha256'))[:12]}"
@@ -157,6 +165,14 @@ def merge(sources: Iterable[str | os.PathLike[str] | Scores]) -> Scores:
                 )
         if other.categories != first.categories or set(other.arrays) != set(first.arrays):
             raise DataError(f"{label}: categories or layers differ; only shards of one run merge")
+        shape = next(
+            (k for k in first.arrays if other.arrays[k].shape != first.arrays[k].shape), None
+        )
+        if shape is not None:
+            raise DataError(
+                f"{label}: array '{shape}' is {other.arrays[shape].shape}, in the first file "
+                f"{first.arrays[shape].shape}; only shards of one run merge"
+            )
     shards = [s.meta.get("shard") for _, s in items]
     if None not in shards and len(set(shards)) != len(shards):
         raise DataError(f"shard {shards[0]} given twice; merge each shard once")

@@ -226,6 +226,15 @@ def _chosen_layers(scores: Scores, spec: str | None) -> list[str]:
     return names
 
 
+def _check_channels(scores: Scores, layer: str, channels: int) -> None:
+    for key, array in scores.arrays.items():
+        if key.split("/", 1)[1] == layer and array.shape[1] != channels:
+            raise DataError(
+                f"scores '{key}' cover {array.shape[1]} channels, layer '{layer}' has "
+                f"{channels}; the scores were made for another model, re-run attribute"
+            )
+
+
 def make_plan(
     model: ModelProto, scores: Scores, sel: Selection, *, check: Callable | None = None
 ) -> dict:
@@ -279,6 +288,7 @@ def make_plan(
     for layer in _chosen_layers(scores, sel.layers):
         if layer not in groups.producer_slots:
             continue
+        _check_channels(scores, layer, len(groups.producer_slots[layer]))
         group = groups.group_of(layer)
         if not group.prunable or not _selectable(groups, group, layer):
             continue

@@ -29,6 +29,7 @@ from onnxcut.channels.deps import ChannelTrace, trace
 from onnxcut.channels.inspection import require_layers
 from onnxcut.channels.plan import Plan, PlanLike, as_plan, resolve
 from onnxcut.channels.registry import ConstSlice, EditContext
+from onnxcut.errors import ModelError
 from onnxcut.graph.io import load, sha256
 from onnxcut.graph.shapes import declare_types_inplace, infer_shapes
 
@@ -53,7 +54,7 @@ def extract(model: ModelLike, plan: PlanLike, *, input_shapes: Shapes | None = N
     _record_categories(proto, channels, kept, plan)
     if plan.selection:  # how the plan was chosen: a budget, an agreement guard
         _set_meta(proto, SELECTION_KEY, json.dumps(plan.selection, sort_keys=True))
-    _check(proto)
+    _check_result(proto, model, input_shapes)
     return proto
 
 
@@ -68,8 +69,22 @@ def mask(model: ModelLike, plan: PlanLike, *, input_shapes: Shapes | None = None
     """Return the same-shaped model with removed channels' consumer weights zeroed."""
     proto, channels, kept, _ = _prepare(model, plan, input_shapes)
     _Cut(proto, channels, kept, slice_out=False).apply()
-    _check(proto)
+    _check_result(proto, model, input_shapes)
     return proto
+
+
+def _check_result(proto: ModelProto, model: ModelLike, input_shapes: Shapes | None) -> None:
+    """Run the ONNX checker on a result: a failure is a bug unless the input fails too."""
+    try:
+        _check(proto)
+    except onnx.checker.ValidationError:
+        try:
+            _check(load(model, input_shapes))
+        except onnx.checker.ValidationError as e:
+            source = "the model" if isinstance(model, ModelProto) else str(model)
+            first = str(e).strip().splitlines()[0]
+            raise ModelError(f"{source} fails the ONNX checker ({first}); re-export it") from None
+        raise
 
 
 def _check(model: ModelProto) -> None:

@@ -296,7 +296,11 @@ def _split(
             back.append(node)
         else:
             front.append(node)
-    produced = {o for n in front for o in n.output} | {i.name for i in graph.input}
+    # IR-3 exports list initializers as inputs too; the backward half reads those itself.
+    inits = {t.name for t in graph.initializer}
+    produced = {o for n in front for o in n.output} | {
+        i.name for i in graph.input if i.name not in inits
+    }
     boundary = list(
         dict.fromkeys(i for n in back for i in n.input if i in produced and i not in seeded)
     )
@@ -325,15 +329,19 @@ def _subgraph(model: ModelProto, nodes, inputs, outputs: Sequence[str], index: G
         if any(o in needed for o in node.output):
             live.append(node)
             needed.update(i for i in node.input if i)
+    inits = [t for t in model.graph.initializer if t.name in needed]
+    # An initializer declared as an input (IR 3) that this half does not read would be left
+    # as an input without a value.
+    dropped = {t.name for t in model.graph.initializer} - needed
     graph = helper.make_graph(
         list(reversed(live)),
         model.graph.name,
-        inputs,
+        [i for i in inputs if i.name not in dropped],
         [
             helper.make_tensor_value_info(n, index.dtype(n) or TensorProto.FLOAT, None)
             for n in outputs
         ],
-        [t for t in model.graph.initializer if t.name in needed],
+        inits,
     )
     sub = helper.make_model(graph, opset_imports=model.opset_import)
     sub.ir_version = model.ir_version

@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from onnx import ModelProto, NodeProto, TensorProto, external_data_helper, numpy_helper
 
 from onnxcut.errors import ModelError, OutputError
+from onnxcut.graph.checks import check_graph, check_input_sizes
 from onnxcut.graph.shapes import (
     declare_types_inplace,
     dims,
@@ -55,10 +56,12 @@ def load(
         source = str(model)
     _check_structure(proto, source)
     name_nodes_inplace(proto)
+    check_graph(proto, source)
     fold_constants_inplace(proto)
     declare_types_inplace(proto)
     if input_shapes:
         fix_input_shapes_inplace(proto, input_shapes)
+    check_input_sizes(proto, source)
     return infer_shapes(proto)
 
 

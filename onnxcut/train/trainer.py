@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -101,15 +102,22 @@ class Trainer:
 
     def restore(self, path: Path) -> dict[str, Any]:
         """Load a checkpoint written by `save`; return its meta."""
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            missing = [n for n in self.graph.carried if f"value/{n}" not in f]
-            if missing:
-                raise TrainError(
-                    f"{path}: checkpoint lacks '{missing[0]}'; it is from another run, "
-                    "delete it or drop --resume"
-                )
-            for n in self.graph.carried:
-                self._live[n] = self._ortvalue(f[f"value/{n}"])
-        self.step_count = int(meta["step"])
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                values = {n: f[f"value/{n}"] for n in self.graph.carried if f"value/{n}" in f}
+            step = int(meta["step"])
+        except (OSError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
+            raise TrainError(
+                f"{path}: not a readable checkpoint ({e}); delete it or drop --resume"
+            ) from None
+        missing = [n for n in self.graph.carried if n not in values]
+        if missing:
+            raise TrainError(
+                f"{path}: checkpoint lacks '{missing[0]}'; it is from another run, "
+                "delete it or drop --resume"
+            )
+        for n in self.graph.carried:
+            self._live[n] = self._ortvalue(values[n])
+        self.step_count = step
         return meta
