@@ -17,7 +17,14 @@ from onnxcut.cli.options import (
 
 @click.command("distill")
 @model_argument
-@click.option("--teacher", required=True, type=click.Path(dir_okay=False), help="MODEL.onnx")
+@click.option(
+    "--teacher",
+    "teachers",
+    required=True,
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="The model MODEL was cut from; repeat once per part for an assembled MODEL.",
+)
 @click.option("--data", "data_dir", required=True, type=click.Path(), help="Image folder.")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="OUT.onnx")
 @click.option("--epochs", type=int, default=1, show_default=True)
@@ -42,7 +49,7 @@ from onnxcut.cli.options import (
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint.")
 @preprocess_options
 @input_shape_option
-def distill_cmd(model, teacher, data_dir, out, **kw) -> None:
+def distill_cmd(model, teachers, data_dir, out, **kw) -> None:
     """Train the sub-network MODEL to match --teacher on the images in --data."""
     from onnxcut.graph.io import save
     from onnxcut.graph.shapes import parse_input_shapes
@@ -71,6 +78,12 @@ def distill_cmd(model, teacher, data_dir, out, **kw) -> None:
         preprocess=preprocess_overrides(**pre),
         input_shapes=parse_input_shapes(kw["input_shapes"]),
     )
+    teacher = teachers[0]
+    if len(teachers) > 1:
+        # An assembled student: its parts' models joined channel for channel as one teacher.
+        from onnxcut.assemble.teachers import teacher_for
+
+        teacher = teacher_for(model, teachers, input_shapes=opts.input_shapes)
     checkpoint = out_path.with_name(out_path.name + ".partial")
     # The bar starts at the first step, so errors found while loading stay one line.
     bars: list = []

@@ -329,3 +329,34 @@ def test_a_part_with_nothing_to_join_is_left_out():
     assert categories(out) == [[0, 0], [0, 2]]
     assert assembly(out)["parts"][1]["unit"] is None
     assert not any(n.name.startswith("p1/") for n in out.graph.node)
+
+
+def test_distill_an_assembled_classifier_against_one_teacher_per_part(tmp_path):
+    """`distill --teacher A --teacher B` trains an assembly against its parts' models."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from onnxcut.cli.main import cli
+
+    from conftest import ROOT, sample_model
+
+    images = tmp_path / "digits"
+    images.mkdir()
+    for path in sorted((ROOT / "samples/data/digits_cls/val").glob("*/*.png"))[::30]:
+        shutil.copy(path, images / f"{path.parent.name}_{path.name}")
+    a, b = sample_model("resnet_digits_cls"), sample_model("vgg_digits_cls")
+    joined = tmp_path / "joined.onnx"
+    result = CliRunner().invoke(cli, ["assemble", f"{a}:0,1,2", f"{b}:3,4", "-o", str(joined)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "tuned.onnx"
+    args = ["distill", str(joined), "--teacher", str(a), "--teacher", str(b)]
+    result = CliRunner().invoke(
+        cli, [*args, "--data", str(images), "-o", str(out), "--batch", "4", "--threads", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+    three = [*args, "--teacher", str(a), "--data", str(images), "-o", str(tmp_path / "x.onnx")]
+    result = CliRunner().invoke(cli, three)
+    assert result.exit_code == 2 and "pass 2 teachers" in result.output, result.output
+    assert not (tmp_path / "x.onnx").exists()

@@ -26,7 +26,13 @@ from onnx import ModelProto, StringStringEntryProto, numpy_helper
 
 from onnxcut import data
 from onnxcut.attribution.agreement import agreement
-from onnxcut.attribution.probe import Head, find_head, output_categories, resize_masks
+from onnxcut.attribution.probe import (
+    Head,
+    find_head,
+    output_categories,
+    output_origins,
+    resize_masks,
+)
 from onnxcut.errors import DataError, ModelError, TrainError
 from onnxcut.graph.io import load
 from onnxcut.graph.shapes import dims, graph_inputs
@@ -139,7 +145,7 @@ def distill(
     )
     ckpt = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(s, t, opts, paths)
-    start = 0
+    start, meta = 0, {}
     if resume and ckpt is not None and ckpt.is_file():
         meta = trainer.restore(ckpt)
         if meta.get("fingerprint") != fingerprint:
@@ -150,12 +156,25 @@ def distill(
         start = trainer.step_count
     steps_per_epoch = -(-len(paths) // opts.batch)
     total = steps_per_epoch * opts.epochs
-    losses: list[float] = []
-    reports: list[EpochReport] = []
+    # A resumed run carries on the epoch reports and the current epoch's losses, so its
+    # metadata and epoch lines are the uninterrupted run's too.
+    reports = [EpochReport(**r) for r in meta.get("reports", [])]
+    losses: list[float] = list(meta.get("epoch_losses", []))
+
+    def state(epoch_losses: list[float], seen: int) -> dict[str, Any]:
+        done = [dataclasses.asdict(r) for r in reports]
+        return {
+            "fingerprint": fingerprint,
+            "reports": done,
+            "epoch_losses": epoch_losses,
+            "seen": seen,
+        }
+
     step = start
     for epoch in range(start // steps_per_epoch, opts.epochs):
-        epoch_losses: list[float] = []
-        seen = 0
+        mid_epoch = epoch == start // steps_per_epoch and start % steps_per_epoch
+        epoch_losses = list(losses) if mid_epoch else []
+        seen = int(meta.get("seen", 0)) if mid_epoch else 0
         skip = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
         for batch in _epoch_batches(paths, pre, opts, epoch, skip):
             real = len(batch.paths)
@@ -172,8 +191,9 @@ def distill(
             epoch_losses.append(loss)
             if progress is not None:
                 progress(step, total, float(np.mean(epoch_losses)))
-            if ckpt is not None and step % opts.checkpoint_every == 0:
-                trainer.save(ckpt, {"fingerprint": fingerprint})
+            # The epoch's last step is saved below, with the epoch's report.
+            if ckpt is not None and step % opts.checkpoint_every == 0 and step % steps_per_epoch:
+                trainer.save(ckpt, state(epoch_losses, seen))
         losses = epoch_losses or losses
         report = EpochReport(epoch + 1, float(np.mean(epoch_losses or [np.nan])), seen)
         if opts.val:
@@ -191,7 +211,7 @@ def distill(
         if on_epoch is not None:
             on_epoch(report)
         if ckpt is not None:
-            trainer.save(ckpt, {"fingerprint": fingerprint})
+            trainer.save(ckpt, state(epoch_losses, seen))
     result = _with_weights(s, trainer.parameters())
     _record(result, opts, reports, len(paths), float(np.mean(losses)) if losses else None)
     return result
@@ -201,6 +221,7 @@ def distill(
 class CategoryMap:
     positions: list[int]  # teacher output channel of each student output channel
     categories: list[int]  # original category of each student output channel
+    labels: int = 256  # label masks name categories below this (the teacher's, 255 aside)
 
 
 def _category_map(s: ModelProto, sh: Head, t: ModelProto, th: Head) -> CategoryMap:
@@ -210,6 +231,11 @@ def _category_map(s: ModelProto, sh: Head, t: ModelProto, th: Head) -> CategoryM
         )
     student_cats = output_categories(s, sh)
     teacher_cats = output_categories(t, th) or list(range(th.n_categories))
+    origins = output_origins(s, sh)
+    if origins is not None and origins == output_origins(t, th):
+        # An assembled student and its parts' models joined as one teacher (teacher_for):
+        # channel for channel the same, whatever categories the parts share.
+        return CategoryMap(list(range(sh.n_categories)), student_cats, max(teacher_cats) + 1)
     if student_cats is None:
         if sh.n_categories != th.n_categories:
             raise ModelError(
@@ -224,7 +250,9 @@ def _category_map(s: ModelProto, sh: Head, t: ModelProto, th: Head) -> CategoryM
             f"student categories {missing} are not among the teacher's outputs "
             f"({teacher_cats}); pass the model the student was cut from as --teacher"
         )
-    return CategoryMap([teacher_cats.index(c) for c in student_cats], list(student_cats))
+    return CategoryMap(
+        [teacher_cats.index(c) for c in student_cats], list(student_cats), max(teacher_cats) + 1
+    )
 
 
 def _check_inputs(s: ModelProto, t: ModelProto, student, teacher) -> None:
@@ -243,9 +271,13 @@ def _check_inputs(s: ModelProto, t: ModelProto, student, teacher) -> None:
     tp = {p.key: p.value for p in t.metadata_props}.get(data.PREPROCESS_KEY)
     if sp and tp and json.loads(sp) != json.loads(tp):
         raise ModelError(
-            f"the student ({student}) and the teacher ({teacher}) record different "
+            f"the student ({_name(student)}) and the teacher ({_name(teacher)}) record different "
             f"{data.PREPROCESS_KEY}; they must read images alike"
         )
+
+
+def _name(model) -> str:
+    return "an in-memory model" if isinstance(model, ModelProto) else str(model)
 
 
 def _loss_kind(model: ModelProto, head: Head) -> str:
@@ -344,7 +376,8 @@ def _mask_reader(opts: DistillOptions, head: Head, mapping: CategoryMap, images)
         for i, (path, shape) in enumerate(zip(batch.paths, batch.sizes, strict=True)):
             found = data.mask_path(mask_dir, path, root)
             if found is not None:
-                labels[i] = lookup[resize_masks(data.read_mask(found, shape, 256), size)]
+                label = data.read_mask(found, shape, mapping.labels)
+                labels[i] = lookup[resize_masks(label, size)]
         onehot = (labels[..., None] == np.arange(k)).astype(np.float32)  # (N, h, w, K)
         if axis == 1:
             onehot = np.ascontiguousarray(onehot.transpose(0, 3, 1, 2))
