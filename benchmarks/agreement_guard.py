@@ -57,7 +57,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 classes = categories(setup, digits)
                 kept = sorted({0, *classes}) if setup.task == "segment" else list(classes)
                 check = AgreementCheck(
-                    model, unlabeled_images(setup), kept, limit=64, threads=args.threads
+                    model,
+                    unlabeled_images(setup),
+                    kept,
+                    limit=64,
+                    threads=args.threads,
+                    background=0 if setup.task == "segment" else None,
                 )
                 row = {
                     "model": name,

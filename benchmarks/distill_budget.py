@@ -65,7 +65,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 model = load(setup.model)
                 kept = sorted({0, *classes}) if setup.task == "segment" else list(classes)
                 check = AgreementCheck(
-                    model, unlabeled_images(setup), kept, limit=64, threads=args.threads
+                    model,
+                    unlabeled_images(setup),
+                    kept,
+                    limit=64,
+                    threads=args.threads,
+                    background=0 if setup.task == "segment" else None,
                 )
                 plan = make_plan(model, scores, Selection(classes, flops=args.flops), check=check)
                 ref = score_model(setup, setup.model, classes)

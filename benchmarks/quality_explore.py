@@ -234,7 +234,8 @@ def allocations(
     base = make_plan(model, scores, Selection(tuple(classes)))
     share = ratios(score_plan(setup, base, classes, tmp), ref)
     kept = sorted({0, *classes}) if setup.task == "segment" else list(classes)
-    check = AgreementCheck(model, unlabeled_images(setup), kept, limit=64)
+    background = 0 if setup.task == "segment" else None
+    check = AgreementCheck(model, unlabeled_images(setup), kept, limit=64, background=background)
     plans = {"plan": base}
     for flops in (round(share["flops_kept"], 3), 0.5):
         for how in ("uniform", "sensitivity"):

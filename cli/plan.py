@@ -152,6 +152,7 @@ def build_plan(
         agreement_data,
         agreement.chosen_categories(sel, scores.meta.get("task")),
         preprocess=pre,
+        background=agreement.background_of(sel, scores.meta.get("task")),
     )
     if min_agreement is None:
         return make_plan(proto, scores, sel, check=check)

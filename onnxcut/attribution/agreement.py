@@ -1,13 +1,15 @@
 """Agreement of a sub-network with its original, label-free, and the smallest plan that
 keeps a required agreement (`--min-agreement`).
 
-The positions counted are those (pixels, or images for classifiers) that the original
-assigns to one of the chosen categories (background included for segmentation). For a
-classifier, agreement is the share of them where the sub-network's argmax over those
-categories names the same category. For a segmenter it is the mean over categories of the
-IoU between the sub-network's and the original's maps: pixel agreement let background
-dominate (0.95 of the pixels agreeing kept 0.47 of deeplab's mIoU on digits {4, 6}), and
-mIoU is what a user keeps.
+For a classifier, agreement is the share of the images the original assigns to a chosen
+category where the sub-network's argmax over the chosen categories names the same one. For
+a segmenter given its `background`, every pixel counts and the reference is the original's
+argmax over the chosen categories (background included): its prediction on the
+category-customised task that `eval --classes` scores, where other categories are
+background; without one, only the pixels the original assigns to a chosen category count.
+A segmenter's agreement is the mean over categories of the IoU between the two maps: pixel
+agreement let background dominate (0.95 of the pixels agreeing kept 0.47 of deeplab's mIoU
+on digits {4, 6}), and mIoU is what a user keeps.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class AgreementCheck:
         provider: str = "cpu",
         threads: int | None = None,
         limit: int | None = None,
+        background: int | None = None,
     ):
         original = load(original)
         head = find_head(original)
@@ -58,10 +61,21 @@ class AgreementCheck:
         name = sess.get_inputs()[0].name
         self.inputs: list[np.ndarray] = []
         self.tops: list[np.ndarray] = []
+        customised = background is not None and head.spatial
+        if customised and background not in self.categories:
+            raise DataError(f"background {background} is not among categories {categories}")
+        absent = [c for c in self.categories if c not in names]
+        if absent:
+            raise DataError(f"the original does not output categories {absent}")
+        chosen = np.array([int(np.flatnonzero(names == c)[0]) for c in self.categories])
         for batch in data.batches(data.list_images(images)[:limit], pre, 1):
             (out,) = sess.run([head.output], {name: batch.inputs})
             self.inputs.append(batch.inputs)
-            self.tops.append(names[out.argmax(axis=head.axis)])
+            if customised:  # the original's prediction on the customised task
+                top = np.take(out, chosen, axis=head.axis).argmax(axis=head.axis)
+                self.tops.append(np.asarray(self.categories)[top])
+            else:
+                self.tops.append(names[out.argmax(axis=head.axis)])
         self.counted = [np.isin(top, self.categories) for top in self.tops]
         if not any(c.any() for c in self.counted):
             raise DataError(
@@ -177,6 +191,11 @@ def chosen_categories(sel, task: str | None) -> list[int]:
     if task == "segment" and sel.background is not None:
         return sorted({sel.background, *sel.classes})
     return list(sel.classes)
+
+
+def background_of(sel, task: str | None) -> int | None:
+    """The background category a segmentation plan keeps, None for classifiers."""
+    return sel.background if task == "segment" else None
 
 
 def _overlaps(a: Path, b: Path) -> bool:

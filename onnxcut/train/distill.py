@@ -204,6 +204,7 @@ def distill(
                 opts.val,
                 mapping.categories,
                 preprocess=pre,
+                background=0 if head.spatial and 0 in mapping.categories else None,
                 provider=opts.provider,
                 threads=opts.threads,
             )
