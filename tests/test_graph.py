@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,29 @@ def test_save_to_readonly_folder(tmp_path: Path):
     folder.mkdir(mode=0o500)
     with pytest.raises(OutputError, match="not writable"):
         onnxcut.save(conv_bn_net(), folder / "x.onnx")
+
+
+@pytest.mark.parametrize(
+    ("attrs", "why"),
+    [
+        ({"group": 0}, "group [0] has a value below 1"),
+        ({"pads": [1, 1, 1]}, "pads has 3 values for a 2-D window (needs 4)"),
+        ({"strides": [0, 1]}, "strides [0, 1] has a value below 1"),
+    ],
+)
+def test_corrupt_window_attributes_are_refused(attrs, why, tmp_path):
+    """Bit flips that still parse (a Conv group of 0, a pads list of the wrong length) stop
+    at load with one line, not inside onnxruntime or a gradient rule."""
+    from netbuilder import NetBuilder
+
+    b = NetBuilder((1, 3, 8, 8))
+    model = b.build([b.conv(b.input, 4)])
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    for name, value in attrs.items():
+        kept = [a for a in conv.attribute if a.name != name]
+        del conv.attribute[:]
+        conv.attribute.extend([*kept, onnx.helper.make_attribute(name, value)])
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    with pytest.raises(ModelError, match=rf"node '{conv.name}' \(Conv\): {re.escape(why)}"):
+        onnxcut.load(path)

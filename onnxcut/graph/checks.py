@@ -139,3 +139,52 @@ def check_input_sizes(proto: ModelProto, source: str) -> None:
                 f"{source}: input '{value.name}' declares a dimension of {huge[0]}, 2^31 or "
                 f"more; fix its shape with --input-shape {value.name}:DxDx..."
             )
+
+
+def _positive(node: NodeProto, name: str, values) -> str | None:
+    bad = [int(v) for v in values if int(v) < 1]
+    return f"{name} {list(map(int, values))} has a value below 1" if bad else None
+
+
+def _window(node: NodeProto, attrs: dict, weights: dict) -> str | None:
+    """Conv-like and pooling windows: positive sizes, a pads list that fits the kernel."""
+    for name in ("group", "strides", "dilations", "kernel_shape"):
+        if name in attrs:
+            values = attrs[name] if isinstance(attrs[name], list) else [attrs[name]]
+            if (why := _positive(node, name, values)) is not None:
+                return why
+    pads = attrs.get("pads")
+    rank = len(attrs["kernel_shape"]) if "kernel_shape" in attrs else None
+    if rank is None and len(node.input) > 1 and node.input[1] in weights:
+        rank = len(weights[node.input[1]]) - 2
+    if rank is not None:
+        if pads is not None and len(pads) != 2 * rank:
+            return f"pads has {len(pads)} values for a {rank}-D window (needs {2 * rank})"
+        for name in ("strides", "dilations", "output_padding"):
+            if name in attrs and len(attrs[name]) != rank:
+                return f"{name} has {len(attrs[name])} values for a {rank}-D window"
+    if pads is not None and any(int(p) < 0 for p in pads):
+        return f"pads {list(map(int, pads))} has a negative value"
+    return None
+
+
+# op -> a check of its attributes, returning why they are invalid (or None)
+ATTRIBUTE_CHECKS = {op: _window for op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool")}
+
+
+def check_attributes(proto: ModelProto, source: str) -> None:
+    """Refuse attribute values no runtime accepts (a corrupt file that still parses)."""
+    from onnx import helper
+
+    weights = {t.name: list(t.dims) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        check = ATTRIBUTE_CHECKS.get(node.op_type)
+        if check is None:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        why = check(node, attrs, weights)
+        if why is not None:
+            raise ModelError(
+                f"{source}: node '{node.name}' ({node.op_type}): {why}; the file is corrupt or "
+                "hand-edited, re-export the model"
+            )

@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from onnx import ModelProto, NodeProto, TensorProto, external_data_helper, numpy_helper
 
 from onnxcut.errors import ModelError, OutputError
-from onnxcut.graph.checks import check_graph, check_input_sizes
+from onnxcut.graph.checks import check_attributes, check_graph, check_input_sizes
 from onnxcut.graph.shapes import (
     declare_types_inplace,
     dims,
@@ -57,6 +57,7 @@ def load(
     _check_structure(proto, source)
     name_nodes_inplace(proto)
     check_graph(proto, source)
+    check_attributes(proto, source)
     fold_constants_inplace(proto)
     declare_types_inplace(proto)
     if input_shapes:
