@@ -102,8 +102,29 @@ def fit(
             hi = mid
         else:
             lo = mid
-    counts = counts_for(shares_at(hi), sizes, min_keep, round_to)
-    return _fill(model, counts, sizes, plan_for, measure, share, total, round_to or 1, at(hi))
+    # One knob step can move many groups at once: blend the counts of the two ends, each
+    # group a fraction u of the way from the fitting plan to the one just over budget.
+    fits = counts_for(shares_at(hi), sizes, min_keep, round_to)
+    over = counts_for(shares_at(lo), sizes, min_keep, round_to)
+    step = round_to or 1
+
+    def blend(u: float) -> Counts:
+        return {
+            g: min(sizes[g], fits[g] + step * round(u * (over[g] - fits[g]) / step)) for g in fits
+        }
+
+    best, counts = at(hi), fits
+    lo_u, hi_u = 0.0, 1.0  # blend(lo_u) fits, blend(hi_u) does not
+    for _ in range(12):
+        mid = (lo_u + hi_u) / 2
+        trial = blend(mid)
+        plan = plan_for(trial)
+        reached = size_of(extract(model, plan), measure) / total
+        if reached <= share:
+            lo_u, best, counts = mid, (plan, reached), trial
+        else:
+            hi_u = mid
+    return _fill(model, counts, sizes, plan_for, measure, share, total, step, best)
 
 
 def _fill(model, counts, sizes, plan_for, measure, share, total, step, best) -> tuple[dict, float]:
