@@ -21,15 +21,15 @@ from quality import (
     cached_scores,
     categories,
     digit_subsets,
+    held_out_check,
     ratios,
     sample_setup,
     score_model,
     score_plan,
     table,
-    unlabeled_images,
 )
 
-from onnxcut.attribution.agreement import AgreementCheck, guarded_plan
+from onnxcut.attribution.agreement import guarded_plan
 from onnxcut.attribution.selection import Selection, make_plan
 from onnxcut.errors import DataError
 from onnxcut.graph.io import load
@@ -55,15 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             model = load(setup.model)
             for digits in digit_subsets([int(s) for s in args.subsets.split(",")]).values():
                 classes = categories(setup, digits)
-                kept = sorted({0, *classes}) if setup.task == "segment" else list(classes)
-                check = AgreementCheck(
-                    model,
-                    unlabeled_images(setup),
-                    kept,
-                    limit=64,
-                    threads=args.threads,
-                    background=0 if setup.task == "segment" else None,
-                )
+                check = held_out_check(setup, model, classes)
                 row = {
                     "model": name,
                     "digits": ",".join(map(str, digits)),

@@ -24,16 +24,15 @@ from quality import (
     cached_scores,
     categories,
     digit_subsets,
+    held_out_check,
     ratios,
     sample_setup,
     score_distilled,
     score_model,
     score_plan,
     table,
-    unlabeled_images,
 )
 
-from onnxcut.attribution.agreement import AgreementCheck
 from onnxcut.attribution.selection import Selection, make_plan
 from onnxcut.graph.io import load
 from onnxcut.train import DistillOptions
@@ -63,15 +62,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for digits in subsets.values():
                 classes = categories(setup, digits)
                 model = load(setup.model)
-                kept = sorted({0, *classes}) if setup.task == "segment" else list(classes)
-                check = AgreementCheck(
-                    model,
-                    unlabeled_images(setup),
-                    kept,
-                    limit=64,
-                    threads=args.threads,
-                    background=0 if setup.task == "segment" else None,
-                )
+                check = held_out_check(setup, model, classes)
                 plan = make_plan(model, scores, Selection(classes, flops=args.flops), check=check)
                 ref = score_model(setup, setup.model, classes)
                 cut = ratios(score_plan(setup, plan, classes, Path(tmp)), ref)

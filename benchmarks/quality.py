@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxcut.attribution.agreement import AgreementCheck
 from onnxcut.attribution.driver import AttributeOptions, attribute
 from onnxcut.attribution.scores import Scores, load_scores, save_scores
 from onnxcut.attribution.selection import Selection, filter_l1, make_plan
@@ -101,6 +102,21 @@ def unlabeled_images(setup: Setup) -> Path:
 
         generate(ROOT / "samples" / "data", ["unlabeled"])
     return setup.unlabeled
+
+
+def held_out_check(setup: Setup, model, classes: Sequence[int], limit: int = 64) -> AgreementCheck:
+    """Agreement with `model` on `limit` unlabeled images, as `onnxcut plan --data` measures
+    it: the chosen categories (and background for segmenters, on the customised task)."""
+    segment = setup.task == "segment"
+    kept = sorted({0, *classes}) if segment else list(classes)
+    return AgreementCheck(
+        model,
+        unlabeled_images(setup),
+        kept,
+        limit=limit,
+        threads=setup.threads,
+        background=0 if segment else None,
+    )
 
 
 def score_distilled(

@@ -39,6 +39,7 @@ from quality import (
     categories,
     digit_subsets,
     group_vectors,
+    held_out_check,
     metric_kept,
     plan_at_counts,
     ratios,
@@ -46,11 +47,9 @@ from quality import (
     score_model,
     score_plan,
     table,
-    unlabeled_images,
     zero_vectors,
 )
 
-from onnxcut.attribution.agreement import AgreementCheck
 from onnxcut.attribution.driver import AttributeOptions, attribute
 from onnxcut.attribution.scores import Scores, load_scores, save_scores
 from onnxcut.attribution.selection import Selection, filter_l1, make_plan, mass_set
@@ -233,9 +232,7 @@ def allocations(
     ref = score_model(setup, setup.model, classes)
     base = make_plan(model, scores, Selection(tuple(classes)))
     share = ratios(score_plan(setup, base, classes, tmp), ref)
-    kept = sorted({0, *classes}) if setup.task == "segment" else list(classes)
-    background = 0 if setup.task == "segment" else None
-    check = AgreementCheck(model, unlabeled_images(setup), kept, limit=64, background=background)
+    check = held_out_check(setup, model, classes)
     plans = {"plan": base}
     for flops in (round(share["flops_kept"], 3), 0.5):
         for how in ("uniform", "sensitivity"):

@@ -46,6 +46,7 @@ from quality import (
     compare,
     digit_subsets,
     group_vectors,
+    held_out_check,
     plan_at_counts,
     ratios,
     sample_setup,
@@ -53,7 +54,6 @@ from quality import (
     score_model,
     score_plan,
     table,
-    unlabeled_images,
     zero_vectors,
 )
 
@@ -185,15 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for digits in subsets.values():
                 classes = categories(setup, digits)
                 label = {"model": name, "digits": ",".join(map(str, digits))}
-                kept = sorted({0, *classes})
-                check = AgreementCheck(
-                    model,
-                    unlabeled_images(setup),
-                    kept,
-                    limit=CHECK_IMAGES,
-                    threads=args.threads,
-                    background=0,  # on the customised task, as `onnxcut plan --data` measures
-                )
+                check = held_out_check(setup, model, classes, CHECK_IMAGES)
                 plans = {"default": Selection(classes)}
                 for allocation in ("uniform", "sensitivity"):
                     budget = Selection(classes, flops=args.flops, allocate=allocation)
