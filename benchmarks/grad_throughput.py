@@ -226,7 +226,7 @@ def _profile(grad_session: GradientSession, feeds, threads: int, repeat: int) ->
     sess = ort.InferenceSession(
         grad_session.model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
     )
-    run_feeds = {**feeds, CATEGORIES: np.array([1], np.int64)}
+    run_feeds = {**feeds, CATEGORIES: np.array([[1]], np.int64)}
     run_feeds[MASK] = np.ones((1,) * (grad_session.rank + 1), np.float32)
     sess.run(grad_session.outputs, run_feeds)  # warm-up: kernel selection, allocations
     for _ in range(repeat):

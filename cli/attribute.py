@@ -53,7 +53,7 @@ from onnxcut.cli.options import (
     type=int,
     default=8,
     show_default=True,
-    help="Images per progress and checkpoint step; each image runs alone through the gradients.",
+    help="Images per forward and backward call (a fixed model batch wins); memory grows with it.",
 )
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu")
 @click.option("--threads", type=int)

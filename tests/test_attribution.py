@@ -86,27 +86,53 @@ def test_merge_refuses_other_settings(scenes: Path, seg_scores, tmp_path: Path):
 
 def test_resume_equals_uninterrupted(scenes: Path, seg_scores, tmp_path: Path, monkeypatch):
     checkpoint = tmp_path / "run.partial"
-    opts = AttributeOptions(tau=0.7, batch=4, checkpoint_every=4)
+    opts = AttributeOptions(tau=0.7, batch=2, checkpoint_every=4)
     import onnxcut.attribution.driver as attribution
 
-    real = attribution._accumulate
+    real = attribution.accumulate
     calls = {"n": 0}
 
     def dying(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 7:  # killed mid-way through the second batch
+        if calls["n"] == 3:  # killed in the third batch of two, after the checkpoint at 4
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attribution, "_accumulate", dying)
+    monkeypatch.setattr(attribution, "accumulate", dying)
     with pytest.raises(KeyboardInterrupt):
         attribute(sample_model(SEG), scenes / "images", opts, checkpoint=checkpoint)
     assert load_scores(checkpoint).meta["done"] == 4
-    monkeypatch.setattr(attribution, "_accumulate", real)
+    monkeypatch.setattr(attribution, "accumulate", real)
+    # Resumed with batches of three: images are computed alone, so grouping does not matter.
     resumed = attribute(
-        sample_model(SEG), scenes / "images", opts, checkpoint=checkpoint, resume=True
+        sample_model(SEG),
+        scenes / "images",
+        AttributeOptions(tau=0.7, batch=3, checkpoint_every=4),
+        checkpoint=checkpoint,
+        resume=True,
     )
     _assert_same(resumed, seg_scores)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_batch_size_does_not_change_scores(scenes: Path, seg_scores, batch: int):
+    """Batches of any size (a short last one included) give the scores of batches of four."""
+    opts = AttributeOptions(tau=0.7, batch=batch)
+    _assert_same(attribute(sample_model(SEG), scenes / "images", opts), seg_scores)
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_classifier_batches_agree(tmp_path: Path, top_k):
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(DIGITS.rglob("*.png"))[:11]:
+        shutil.copy(path, images / path.name)
+    runs = [
+        attribute(sample_model(CLS), images, AttributeOptions(tau=0.5, batch=b, top_k=top_k))
+        for b in (1, 4)
+    ]
+    assert runs[0].count.sum() > 0
+    _assert_same(*runs)
 
 
 def test_category_patterns_differ(tmp_path: Path):

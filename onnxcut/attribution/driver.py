@@ -9,8 +9,10 @@ pixels whose probability for k exceeds tau (and, with label masks, whose label i
 with M resized (nearest) to each feature map F. Classification (CNN LEGO): an image counts
 for the class it is predicted as (or labelled, in an ImageFolder) with probability >= tau; the
 sums run over the whole feature map and S is the class logit.
-Each image's vectors are quantised and added to per-category sums, so memory stays flat and
-shards, resumed runs and single runs agree bit for bit.
+Images run `batch` at a time through one forward and one backward call; slot p of image n
+holds its p-th present category. onnxruntime computes each image of a batch on its own, and
+each image's vectors are quantised and added to per-category sums, so memory grows with the
+batch only, and shards, resumed runs, single runs and batch sizes agree bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from onnxcut import data
+from onnxcut.attribution.accumulate import accumulate, groups, stack
 from onnxcut.attribution.gradient_runner import GradientRunner
 from onnxcut.attribution.probe import (
     Head,
@@ -32,13 +35,12 @@ from onnxcut.attribution.probe import (
     find_head,
     probabilities,
     probe_layers,
-    resize_masks,
 )
 from onnxcut.attribution.relevance import Route
-from onnxcut.attribution.scores import Scores, load_scores, quantize, save_scores
+from onnxcut.attribution.scores import Scores, load_scores, save_scores
 from onnxcut.errors import DataError, ModelError
 from onnxcut.graph.io import load, sha256
-from onnxcut.graph.shapes import default_batch_inplace, infer_shapes
+from onnxcut.graph.shapes import default_batch_inplace, graph_inputs, infer_shapes
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ class AttributeOptions:
     category_axis: int | None = None
     probs: str | None = None
     layers: tuple[str, ...] | None = None
-    batch: int = 8  # images per progress and checkpoint step (each image runs alone)
+    batch: int = 8  # images per forward/backward call, and per progress step
     provider: str = "cpu"
     threads: int | None = None
     grad: str = "symbolic"
@@ -103,42 +105,51 @@ def _run_info(model: str | os.PathLike[str], images: str | os.PathLike[str]) -> 
     return {"model_path": str(Path(model).resolve()), "data_path": str(Path(images).resolve())}
 
 
-def attribute(
-    model: str | os.PathLike[str],
-    images: str | os.PathLike[str],
-    options: AttributeOptions | None = None,
-    *,
-    checkpoint: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> Scores:
-    """Score every probed layer's channels per category over the images under `images`.
+@dataclass
+class Prepared:
+    """What one attribute run sets up before its first image: built once per process."""
 
-    With `checkpoint`, partial sums are saved there every `checkpoint_every` images; with
-    `resume`, a run picks up from that file. `progress(done, total)` is called per batch.
-    """
-    opts = options or AttributeOptions()
+    proto: Any
+    head: Head
+    task: str
+    pre: data.Preprocess
+    layers: dict[str, str]
+    settings: dict[str, Any]
+    categories: list[str]
+    runner: GradientRunner
+    route: Route | None
+    size: int  # images per forward/backward call
+    labels: Any  # label(path, size) or None
+    paths: list[Path]  # every image, before sharding
+
+
+def prepare(
+    model: str | os.PathLike[str], images: str | os.PathLike[str], opts: AttributeOptions
+) -> Prepared:
+    """Check the options, load the model and build its gradient sessions (shard not used)."""
     if not 0 < opts.tau < 1:
         raise DataError(f"--tau {opts.tau}: use a probability between 0 and 1")
+    if opts.batch < 1:
+        raise DataError(f"--batch {opts.batch}: use 1 or more images per call")
     proto = load(model, opts.input_shapes)
-    # Images run one at a time through the backward graph, whose rules need static shapes.
-    if default_batch_inplace(proto):
+    # The backward graph's rules need static shapes: a dynamic batch becomes --batch; a
+    # fixed one is kept. onnxruntime-training differentiates one image at a time.
+    if default_batch_inplace(proto, opts.batch if opts.grad == "symbolic" else 1):
         infer_shapes(proto)
     head = find_head(proto, opts.output, opts.category_axis, opts.probs)
     task = opts.task if opts.task != "auto" else ("segment" if head.spatial else "classify")
     if task == "segment" and not head.spatial:
         raise ModelError(f"output '{head.output}' is not spatial (N, K, H, W); use --task classify")
-    pre = data.preprocess_from(proto, opts.preprocess_file, opts.preprocess)
-    pre = data.fit_to_model(pre, proto)
+    pre = data.fit_to_model(
+        data.preprocess_from(proto, opts.preprocess_file, opts.preprocess), proto
+    )
     layers = probe_layers(proto, opts.layers, head)
-    sha = sha256(model)
-    k, n = data.parse_shard(opts.shard)
+    data.parse_shard(opts.shard)
     root = Path(images)
     paths = data.list_images(root)
     labels = _label_source(opts, task, root, head)
     if opts.top_k is not None and (task != "classify" or opts.top_k < 1):
         raise DataError("--top-k N (N >= 1) selects confident images of classifiers only")
-    settings = _settings(opts, head, task, layers, pre, sha)
     categories = [str(i) for i in range(head.n_categories)]
     if opts.class_names is not None:
         if len(opts.class_names) != head.n_categories:
@@ -147,12 +158,59 @@ def attribute(
                 f"{head.n_categories} categories"
             )
         categories = list(opts.class_names)
-    scores = Scores.empty(
+    route = Route(proto, head.score, opts.lrp_alpha, opts.lrp_beta) if task == "classify" else None
+    runner = GradientRunner(
+        proto,
+        head,
+        layers,
+        provider=opts.provider,
+        threads=opts.threads,
+        backend=opts.grad,
+        extra=[*route.inputs, *route.outputs.values()] if route else [],
+        objective=opts.objective,
+    )
+    return Prepared(
+        proto,
+        head,
+        task,
+        pre,
+        layers,
+        _settings(opts, head, task, layers, pre, sha256(model)),
         categories,
-        channel_counts(proto, layers),
+        runner,
+        route,
+        int(graph_inputs(proto)[0].type.tensor_type.shape.dim[0].dim_value or 1),
+        labels,
+        paths,
+    )
+
+
+def attribute(
+    model: str | os.PathLike[str],
+    images: str | os.PathLike[str],
+    options: AttributeOptions | None = None,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    prepared: Prepared | None = None,
+) -> Scores:
+    """Score every probed layer's channels per category over the images under `images`.
+
+    With `checkpoint`, partial sums are saved there every `checkpoint_every` images; with
+    `resume`, a run picks up from that file. `progress(done, total)` is called per batch.
+    `prepared` (from `prepare` with the same model, images and options) skips the set-up.
+    """
+    opts = options or AttributeOptions()
+    run = prepared or prepare(model, images, opts)
+    head, task, pre, size = run.head, run.task, run.pre, run.size
+    k, n = data.parse_shard(opts.shard)
+    scores = Scores.empty(
+        run.categories,
+        channel_counts(run.proto, run.layers),
         ("forward", "backward", "taylor", *(["relevance"] if task == "classify" else [])),
         {
-            **settings,
+            **run.settings,
             **_run_info(model, images),
             "images": 0,
             "skipped": 0,
@@ -162,29 +220,18 @@ def attribute(
     )
     if resume and checkpoint and Path(checkpoint).exists():
         scores = _resume(checkpoint, scores)
-    route = Route(proto, head.score, opts.lrp_alpha, opts.lrp_beta) if task == "classify" else None
-    extra = [*route.inputs, *route.outputs.values()] if route else []
-    runner = GradientRunner(
-        proto,
-        head,
-        layers,
-        provider=opts.provider,
-        threads=opts.threads,
-        backend=opts.grad,
-        extra=extra,
-        objective=opts.objective,
-    )
-    chosen = None
+    paths, chosen = run.paths, None
     if opts.top_k:
         # Selected over all images before sharding, so shards of one run agree on the set.
-        chosen = _top_k(runner, paths, labels, pre, head, opts.top_k)
+        chosen = _top_k(run.runner, paths, run.labels, pre, head, opts.top_k, size)
         paths = sorted(chosen)
     paths = data.shard(paths, k, n)
     done = saved = int(scores.meta["done"])
-    step = max(opts.batch, 1)
+    step = max(opts.batch, size)
     skipped = data.Skipped(hold=scores.meta["images"] == 0)
     for start in range(done, len(paths), step):
         chunk = paths[start : start + step]
+        items = []  # (input, tau, label) of the readable images
         for path in chunk:
             image = data.read_image(path, pre)
             if image is None:
@@ -192,13 +239,15 @@ def attribute(
                 scores.meta["skipped"] += 1
                 continue
             skipped.read()
-            x = data.to_input(image, pre)[None]
             if chosen is not None:
-                _accumulate(scores, runner, x, head, task, 0.0, chosen[path], route)
+                label, tau = chosen[path], 0.0
             else:
-                label = labels(path, image.shape[:2]) if labels else None
-                _accumulate(scores, runner, x, head, task, opts.tau, label, route)
-            scores.meta["images"] += 1
+                label = run.labels(path, image.shape[:2]) if run.labels else None
+                tau = opts.tau
+            items.append((data.to_input(image, pre), tau, label))
+        for group in groups(items, size):
+            accumulate(scores, run.runner, group, size, head, task, run.route)
+        scores.meta["images"] += len(items)
         scores.meta["done"] = start + len(chunk)
         if progress and scores.meta["images"]:  # none readable yet: the error stays alone
             progress(scores.meta["done"], len(paths))
@@ -211,23 +260,32 @@ def attribute(
 
 
 def _top_k(
-    runner: GradientRunner, paths: list[Path], labels, pre: data.Preprocess, head: Head, k: int
+    runner: GradientRunner,
+    paths: list[Path],
+    labels,
+    pre: data.Preprocess,
+    head: Head,
+    k: int,
+    size: int,
 ) -> dict[Path, int]:
     """The k most confident images of each class: {path: class}, by one forward pass each.
 
     The class is an image's label (ImageFolder) or else its prediction; confidence is the
     probability of that class. Ties go to the earlier path.
     """
-    ranked: dict[int, list[tuple[float, int, Path]]] = {}
+    read = []  # (order, path, input, label)
     for i, path in enumerate(paths):
         image = data.read_image(path, pre)
-        if image is None:
-            continue
-        score, outputs, _ = runner.forward(data.to_input(image, pre)[None])
-        probs = np.moveaxis(probabilities(score, head, outputs)[0], head.axis - 1, 0)
-        label = labels(path, image.shape[:2]) if labels else None
-        c = int(label) if label is not None else int(np.argmax(probs))
-        ranked.setdefault(c, []).append((-float(probs[c]), i, path))
+        if image is not None:
+            label = labels(path, image.shape[:2]) if labels else None
+            read.append((i, path, data.to_input(image, pre), label))
+    ranked: dict[int, list[tuple[float, int, Path]]] = {}
+    for group in groups(read, size):
+        score, outputs, _ = runner.forward(stack([x for _, _, x, _ in group], size))
+        probs = np.moveaxis(probabilities(score, head, outputs), head.axis, 1)
+        for (i, path, _, label), p in zip(group, probs, strict=False):
+            c = int(label) if label is not None else int(np.argmax(p))
+            ranked.setdefault(c, []).append((-float(p[c]), i, path))
     return {path: c for c, items in ranked.items() for _, _, path in sorted(items)[:k]}
 
 
@@ -275,81 +333,3 @@ def _label_source(opts: AttributeOptions, task: str, root: Path, head: Head):
         return mapping[path.relative_to(root).parts[0]]
 
     return class_label
-
-
-def _accumulate(
-    scores: Scores,
-    runner: GradientRunner,
-    x: np.ndarray,
-    head: Head,
-    task: str,
-    tau: float,
-    label,
-    route: Route | None = None,
-) -> None:
-    score, outputs, extras = runner.forward(x)
-    probs = probabilities(score, head, outputs)[0]  # (K, H, W) or (K,)
-    probs = np.moveaxis(probs, head.axis - 1, 0)
-    if task == "segment":
-        masks = probs > tau  # (K, H, W)
-        if label is not None:
-            label = resize_masks(label, masks.shape[1:])  # image size -> output size
-            masks &= label[None] == np.arange(head.n_categories)[:, None, None]
-        present = np.flatnonzero(masks.reshape(len(masks), -1).any(1))
-    else:
-        k = int(label) if label is not None else int(np.argmax(probs))
-        present = np.array([k] if probs[k] >= tau else [], np.int64)
-        masks = np.ones((head.n_categories, 1, 1), bool)
-    if present.size == 0:
-        return
-    acts, grads = runner.gradients(x, present, masks[present])
-    for name in runner.layers:
-        axis = runner.axes[name]  # channels first: (C, h, w) or (C,), (P, C, h, w) or (P, C)
-        f = np.moveaxis(acts[name][0], axis - 1, 0)
-        g = np.moveaxis(grads[name], axis, 1)
-        if f.ndim == 1:
-            f, g = f[:, None, None], g[:, :, None, None]
-        # Masked sums over pixels as float64 matrix products (BLAS, not einsum's loops).
-        m = _resize(masks[present], f.shape[1:]).reshape(len(present), -1, 1).astype(np.float64)
-        f = f.reshape(len(f), -1).astype(np.float64)  # (C, hw)
-        g = g.reshape(*g.shape[:2], -1).astype(np.float64)  # (P, C, hw)
-        # Magnitudes: a feature map that no ReLU follows (a residual branch before its Add)
-        # carries signal in negative values too; after a ReLU this is the plain sum.
-        fsum = (np.abs(f) @ m)[..., 0]  # (P, C)
-        gsum = (np.maximum(g, 0) @ m)[..., 0]
-        scores.arrays[f"forward/{name}"][present] += quantize(_normalise(fsum))
-        scores.arrays[f"backward/{name}"][present] += quantize(_normalise(gsum))
-        # First-order change of S_k when channel c is zeroed: |sum_M F_c dS_k/dF_c|.
-        tsum = np.abs(((g * f) @ m)[..., 0])
-        scores.arrays[f"taylor/{name}"][present] += quantize(_normalise(tsum))
-    if route is not None:
-        _add_relevance(scores, route, extras, present)
-    scores.count[present] += 1
-
-
-def _add_relevance(scores: Scores, route: Route, extras: dict, present: np.ndarray) -> None:
-    """Model LEGO: route relevance of the probed layers' channels, per present class."""
-    magnitudes = {
-        name: np.abs(np.moveaxis(extras[t][0], route.axes[name] - 1, 0))
-        .reshape(extras[t].shape[route.axes[name]], -1)
-        .sum(1, dtype=np.float64)
-        for name, t in route.outputs.items()
-        if t in extras  # the head's output is the score itself, not an extra
-    }
-    for k in present.tolist():
-        relevance = route.run(extras, magnitudes, k)
-        for name, r in relevance.items():
-            key = f"relevance/{name}"
-            if key in scores.arrays:
-                scores.arrays[key][k] += quantize(_normalise(np.maximum(r, 0)[None]))[0]
-
-
-def _normalise(v: np.ndarray) -> np.ndarray:
-    total = v.sum(axis=-1, keepdims=True)
-    return np.divide(v, total, out=np.zeros_like(v), where=total > 0)
-
-
-def _resize(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if masks.shape[1:] == (1, 1):  # classifiers: the whole feature map
-        return np.ones((len(masks), *size), bool)
-    return resize_masks(masks, size)

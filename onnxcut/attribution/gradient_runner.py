@@ -32,7 +32,7 @@ def _with_log_softmax(model: ModelProto, score: str, axis: int) -> tuple[ModelPr
 
 
 class GradientRunner:
-    """Activations and gradients of the probed feature maps for one image at a time."""
+    """Activations and gradients of the probed feature maps for a batch of images."""
 
     def __init__(
         self,
@@ -109,21 +109,23 @@ class GradientRunner:
         return outs[0], None, extras
 
     def gradients(self, x: np.ndarray, categories: np.ndarray, masks: np.ndarray):
-        """For one image: activations {layer: (1, C, ...)} and gradients {layer: (P, C, ...)}.
+        """Activations {layer: (N, C, ...)} and gradients {layer: (P, N, C, ...)} of a batch.
 
-        `masks` (P, H, W) weight each category's score; classifiers pass None.
+        `categories` (P, N) give slot p of image n its category; `masks` (P, N, ...) weight
+        its score (the output's shape without the category axis; zeros leave a slot unused).
         """
-        weights = None if not self.head.spatial else [m.astype(np.float32) for m in masks]
         if self.backend == "ort-training":
-            return self._ort_gradients(x, categories, weights)
+            return self._ort_gradients(x, categories[:, 0], masks[:, 0])
         feeds = {self.input_name: x}
         values = self._last[1] if self._last and self._last[0] is x else self.grad.forward(feeds)
-        result = self.grad.backward(feeds, values, [int(k) for k in categories], weights)
+        weights = list(masks.astype(np.float32))
+        result = self.grad.backward(feeds, values, categories, weights)
         acts = {name: result.activations[t] for name, t in self.features.items()}
-        grads = {name: result.gradients[t][:, 0] for name, t in self.features.items()}
+        grads = {name: result.gradients[t] for name, t in self.features.items()}
         return acts, grads
 
-    def _ort_gradients(self, x: np.ndarray, categories: np.ndarray, weights):
+    def _ort_gradients(self, x: np.ndarray, categories: np.ndarray, weights: np.ndarray):
+        """One image (N = 1): onnxruntime-training builds one graph per category."""
         from onnxcut.grad.orttraining import ort_gradients
 
         feeds = {self.input_name: x}
@@ -138,9 +140,9 @@ class GradientRunner:
                 self.target,
                 int(k),
                 self.head.axis,
-                None if weights is None else weights[i],
+                weights[i] if self.head.spatial else None,
             )
             for i, k in enumerate(categories)
         ]
-        grads = {name: np.stack([g[t][0] for g in per_k]) for name, t in self.features.items()}
+        grads = {name: np.stack([g[t] for g in per_k]) for name, t in self.features.items()}
         return acts, grads

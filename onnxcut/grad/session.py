@@ -3,7 +3,9 @@
 The objective is S = sum over a mask of `output` taken at a category along `axis`. The seed
 dS/d(output) is built in the graph from two inputs: `categories` (K,) and `mask` with a
 leading K (or 1) axis, so K categories of one batch share one forward pass; the backward
-batch holds K copies of the forward batch, category-major.
+batch holds K copies of the forward batch, category-major. Categories may also be (K, N):
+slot k then takes its own category for each of the N images of the batch, so images with
+different categories share one backward run.
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ class GradientSession:
     ) -> GradientResult:
         """Return activations (N, ...) and gradients (K, N, ...) for K categories.
 
-        `masks` is None (sum everything), one array for every category, or a list of K arrays;
-        each broadcasts against the output with the category axis taken out.
+        `categories` is (K,), or (K, N) for a category per slot and image. `masks` is None
+        (sum everything), one array for every category, or a list of K arrays; each
+        broadcasts against the output with the category axis taken out.
         """
         cats = self._categories(categories)
         if self.split:
@@ -176,8 +179,15 @@ class GradientSession:
         grads = [np.concatenate([r[i] for r in runs]) for i in range(len(self.wrt))]
         return self._result(acts + grads, len(cats))
 
-    def _categories(self, categories: Sequence[int]) -> np.ndarray:
-        cats = np.asarray(categories, np.int64).reshape(-1)
+    def _categories(self, categories) -> np.ndarray:
+        """Categories as (K, 1), or (K, N) when given per image."""
+        cats = np.asarray(categories, np.int64)
+        cats = cats.reshape(-1, 1) if cats.ndim < 2 else cats
+        if cats.ndim != 2 or (cats.shape[1] != 1 and self.axis == 0):
+            raise DataError(
+                f"categories of shape {cats.shape}: pass (K,) or, per image, (K, N) "
+                "(not with the category axis 0)"
+            )
         if cats.size == 0:
             raise DataError("no categories given; pass at least one category index")
         bad = cats[(cats < 0) | (cats >= self.classes)]
@@ -241,23 +251,30 @@ def _add_objective(
     g = model.graph
     g.input.extend(
         [
-            helper.make_tensor_value_info(CATEGORIES, TensorProto.INT64, ["K"]),
+            helper.make_tensor_value_info(CATEGORIES, TensorProto.INT64, ["K", "N_categories"]),
             helper.make_tensor_value_info(MASK, dtype, [f"mask_{i}" for i in range(rank + 1)]),
         ]
     )
     consts = {
         "objective/depth": np.asarray([classes], np.int64),
         "objective/values": np.asarray([0, 1], np_dtype),
+        # (K, N or 1, classes) -> (K, N or 1, ...) with classes on the category axis; Reshape's
+        # 0 copies a dim. A category axis 0 leaves no batch axis: N is 1 there.
         "objective/onehot_shape": np.asarray(
-            [-1] + [classes if i == axis else 1 for i in range(rank)], np.int64
+            [0, 0] + [classes if i == axis else 1 for i in range(1, rank)]
+            if axis
+            else [0, classes] + [1] * (rank - 1),
+            np.int64,
         ),
+        "objective/zero": np.asarray([0], np.int64),
         "objective/one": np.asarray([1], np.int64),
         "objective/minus_one": np.asarray([-1], np.int64),
         "objective/end": np.asarray([np.iinfo(np.int64).max], np.int64),
     }
     g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     nodes = [
-        ("Shape", [CATEGORIES], _K, {}),
+        ("Shape", [CATEGORIES], "objective/categories_shape", {}),
+        ("Gather", ["objective/categories_shape", "objective/zero"], _K, {"axis": 0}),
         (
             "OneHot",
             [CATEGORIES, "objective/depth", "objective/values"],

@@ -124,8 +124,8 @@ def _says_nothing(value: onnx.ValueInfoProto) -> bool:
     return not tensor.elem_type or not tensor.HasField("shape")
 
 
-def default_batch_inplace(model: ModelProto) -> list[str]:
-    """Fix a dynamic batch dim to 1 where it is an input's only dynamic dim.
+def default_batch_inplace(model: ModelProto, size: int = 1) -> list[str]:
+    """Fix a dynamic batch dim to `size` where it is an input's only dynamic dim.
 
     Returns the names of the inputs changed, so callers can say what was assumed.
     """
@@ -134,7 +134,7 @@ def default_batch_inplace(model: ModelProto) -> list[str]:
         d = dims(value)
         batch_dynamic = bool(d) and not (isinstance(d[0], int) and d[0] > 0)
         if batch_dynamic and all(isinstance(x, int) and x > 0 for x in d[1:]):
-            changed[value.name] = [1, *d[1:]]
+            changed[value.name] = [size, *d[1:]]
     if changed:
         fix_input_shapes_inplace(model, changed)
     return list(changed)
