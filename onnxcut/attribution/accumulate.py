@@ -90,18 +90,19 @@ def _add_image(scores: Scores, runner: GradientRunner, acts, grads, masks, prese
         g = np.moveaxis(grads[name], axis, 1)
         if f.ndim == 1:
             f, g = f[:, None, None], g[:, :, None, None]
-        # Masked sums over pixels as float64 matrix products (BLAS, not einsum's loops).
-        m = _resize(masks, f.shape[1:]).reshape(len(present), -1, 1).astype(np.float64)
-        f = f.reshape(len(f), -1).astype(np.float64)  # (C, hw)
-        g = g.reshape(*g.shape[:2], -1).astype(np.float64)  # (P, C, hw)
+        # Masked sums over pixels as matrix products (BLAS, not einsum's loops), in the
+        # feature maps' float32; the sums are normalised and quantised in float64.
+        m = _resize(masks, f.shape[1:]).reshape(len(present), -1, 1).astype(np.float32)
+        f = f.reshape(len(f), -1).astype(np.float32, copy=False)  # (C, hw)
+        g = g.reshape(*g.shape[:2], -1).astype(np.float32, copy=False)  # (P, C, hw)
         # Magnitudes: a feature map that no ReLU follows (a residual branch before its Add)
         # carries signal in negative values too; after a ReLU this is the plain sum.
-        fsum = (np.abs(f) @ m)[..., 0]  # (P, C)
-        gsum = (np.maximum(g, 0) @ m)[..., 0]
+        fsum = (np.abs(f) @ m)[..., 0].astype(np.float64)  # (P, C)
+        gsum = (np.maximum(g, 0) @ m)[..., 0].astype(np.float64)
         scores.arrays[f"forward/{name}"][present] += quantize(_normalise(fsum))
         scores.arrays[f"backward/{name}"][present] += quantize(_normalise(gsum))
         # First-order change of S_k when channel c is zeroed: |sum_M F_c dS_k/dF_c|.
-        tsum = np.abs(((g * f) @ m)[..., 0])
+        tsum = np.abs(((g * f) @ m)[..., 0].astype(np.float64))
         scores.arrays[f"taylor/{name}"][present] += quantize(_normalise(tsum))
 
 
