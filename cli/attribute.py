@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -65,6 +66,15 @@ from onnxcut.cli.options import (
 )
 @click.option("--shard", help="K/N: take the K-th of N deterministic slices of the images.")
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint.")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    help="Run the shards as Ray tasks: --ray alone starts a local cluster; --ray=ADDRESS "
+    "(HOST:PORT, ray://HOST:PORT or auto) joins one. Needs onnxcut[ray].",
+)
+@click.option("--shards", type=int, help="With --ray: shards to run (default: the cluster's CPUs).")
 @input_shape_option
 def attribute_cmd(
     model,
@@ -93,6 +103,8 @@ def attribute_cmd(
     grad,
     shard,
     resume,
+    ray_address,
+    shards,
     input_shapes,
 ) -> None:
     """Score the channels of MODEL's layers per category over the images in --data."""
@@ -142,16 +154,33 @@ def attribute_cmd(
             )
         bars[0].update(done - bars[0].pos)
 
+    if shards is not None and ray_address is None:
+        raise click.UsageError("--shards N runs with --ray; without it use --shard K/N")
     try:
-        scores = attribute(
-            model, data_dir, opts, checkpoint=checkpoint, resume=resume, progress=progress
-        )
+        if ray_address is not None:
+            from onnxcut.attribution.cluster import attribute_ray
+
+            scores = attribute_ray(
+                model,
+                data_dir,
+                opts,
+                address=ray_address,
+                shards=shards,
+                work_dir=out_path.with_name(out_path.name + ".shards"),
+                resume=resume,
+                progress=progress,
+            )
+        else:
+            scores = attribute(
+                model, data_dir, opts, checkpoint=checkpoint, resume=resume, progress=progress
+            )
     finally:
         if bars:
             bars[0].__exit__(None, None, None)
     scores.meta.pop("done", None)
     save_scores(scores, out_path)
     checkpoint.unlink(missing_ok=True)
+    shutil.rmtree(out_path.with_name(out_path.name + ".shards"), ignore_errors=True)
     seen = ", ".join(
         f"{c}:{int(n)}" for c, n in zip(scores.categories, scores.count, strict=True) if n
     )

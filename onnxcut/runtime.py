@@ -22,6 +22,7 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+_FALLBACK = {"cpu": ["cpu"], "cuda": ["cuda", "cpu"], "tensorrt": ["tensorrt", "cuda", "cpu"]}
 
 
 def onnxruntime() -> ModuleType:
@@ -47,7 +48,8 @@ def session(
     if provider not in PROVIDERS:
         raise ModelError(f"provider '{provider}' unknown; choose one of {', '.join(PROVIDERS)}")
     name = PROVIDERS[provider]
-    if name not in ort.get_available_providers():
+    available = ort.get_available_providers()
+    if name not in available:
         raise RuntimeMissingError(
             f"provider '{provider}' ({name}) is not available in this onnxruntime build; "
             "install 'onnxcut[gpu]' on a machine with CUDA, or use --provider cpu"
@@ -59,7 +61,8 @@ def session(
         opts.inter_op_num_threads = 1
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    providers = [name] if provider == "cpu" else [name, "CPUExecutionProvider"]
+    # Nodes an accelerator's provider does not take fall back along the chain.
+    providers = [PROVIDERS[p] for p in _FALLBACK[provider] if PROVIDERS[p] in available]
     if isinstance(model, ModelProto):
         try:
             data = model.SerializeToString()

@@ -13,6 +13,11 @@ def test_ci_runs_the_readme_test_command():
     ci = _command_lines(ROOT / ".ci" / "run")
     assert len(ci) == 1
     assert ci[0] in _command_lines(ROOT / "README.md")
+    # Steps after it (an extra installed for its own tests) stand in the README too.
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    extra = [line for line in lines if line.startswith(".venv/bin/")]
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert extra and all(line in readme for line in extra), extra
 
 
 def test_quick_start_commands_run(tmp_path, monkeypatch):
