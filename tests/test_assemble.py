@@ -360,3 +360,31 @@ def test_distill_an_assembled_classifier_against_one_teacher_per_part(tmp_path):
     result = CliRunner().invoke(cli, three)
     assert result.exit_code == 2 and "pass 2 teachers" in result.output, result.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_distill_a_segmenter_assembled_with_the_max_background(tmp_path):
+    """`--background max` joins the parts' background logits with Max, which now trains."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from onnxcut.cli.main import cli
+
+    from conftest import ROOT, sample_model
+
+    images = tmp_path / "scenes"
+    images.mkdir()
+    for path in sorted((ROOT / "samples/data/digit_scenes/val/images").glob("*.png"))[:8]:
+        shutil.copy(path, images / path.name)
+    a, b = sample_model("deeplab_digits"), sample_model("unet_digits")
+    joined = tmp_path / "joined.onnx"
+    args = ["assemble", f"{a}:3", f"{b}:5", "--background", "max", "-o", str(joined)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "tuned.onnx"
+    args = ["distill", str(joined), "--teacher", str(a), "--teacher", str(b), "--data"]
+    result = CliRunner().invoke(
+        cli, [*args, str(images), "-o", str(out), "--batch", "4", "--threads", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert out.exists()

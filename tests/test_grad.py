@@ -108,6 +108,28 @@ CASES: dict[str, list[Case]] = {
     "LogSoftmax": [c("LogSoftmax", grid(1, 5, 2, 2), attrs={"axis": 1})],
     "Add": [c("Add", grid(1, 2, 3, 3), "z", feeds={"z": grid(1, 2, 1, 1, seed=2)})],
     "Sub": [c("Sub", grid(1, 2, 3, 3), "z", feeds={"z": grid(2, 1, 3, seed=2)})],
+    # Offsets keep the inputs' values apart: Max and Min have a kink where two are equal.
+    "Sum": [
+        c(
+            "Sum",
+            grid(1, 2, 3, 3),
+            "z",
+            "u",
+            feeds={"z": grid(1, 2, 1, 1, seed=2, offset=0.03), "u": grid(1, 1, 1, 3, offset=0.07)},
+        )
+    ],
+    "Mean": [c("Mean", grid(1, 2, 3, 3), "z", feeds={"z": grid(1, 1, 3, 3, offset=0.03)})],
+    "Max": [
+        c(
+            "Max",
+            grid(1, 2, 3, 3),
+            "z",
+            "u",
+            feeds={"z": grid(1, 2, 1, 1, seed=2, offset=0.03), "u": grid(1, 1, 1, 3, offset=0.07)},
+        ),
+        c("Max", grid(1, 2, 3, 3), "k", consts={"k": rand(2, 1, 1)}, name="const"),
+    ],
+    "Min": [c("Min", grid(1, 2, 3, 3), "z", feeds={"z": grid(1, 1, 3, 3, offset=0.03)})],
     "Mul": [
         c("Mul", grid(1, 2, 3, 3), "z", feeds={"z": grid(1, 2, 1, 1, seed=2)}),
         c("Mul", grid(1, 2, 3, 3), "k", consts={"k": rand(2, 1, 1)}, name="const"),

@@ -136,6 +136,29 @@ def add(g: Emitter, s: Site):
     return (s.g, s.g)
 
 
+@vjp("Sum", broadcast=True)
+def total(g: Emitter, s: Site):
+    return tuple(s.g for _ in s.node.input)
+
+
+@vjp("Mean", broadcast=True)
+def mean(g: Emitter, s: Site):
+    share = g.mul(s.g, g.scalar(1.0 / len(s.node.input), s.y))
+    return tuple(share for _ in s.node.input)
+
+
+@vjp("Max", "Min", broadcast=True)
+def extreme(g: Emitter, s: Site):
+    # Each input that attains the result takes dy; ties share it equally (as torch does).
+    dtype = g.index.dtype(s.y) or TensorProto.FLOAT
+    hits = [g.op("Cast", [g.op("Equal", [x, s.y])], to=dtype) for x in s.node.input]
+    count = hits[0] if len(hits) == 1 else g.op("Sum", hits)
+    return tuple(
+        g.times(s.g, g.op("Div", [hit, count]), s.y, s.y) if need else None
+        for hit, need in zip(hits, s.needs, strict=True)
+    )
+
+
 @vjp("Sub", broadcast=True)
 def sub(g: Emitter, s: Site):
     return (s.g, g.neg(s.g) if s.needs[1] else None)
