@@ -388,3 +388,31 @@ def test_distill_a_segmenter_assembled_with_the_max_background(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert out.exists()
+
+
+def test_recutting_an_assembly_to_one_part_names_the_way_out(tmp_path):
+    """The parts not chosen get no gradient: plan says so instead of 'alpha keeps none'."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from onnxcut.cli.main import cli
+
+    from conftest import ROOT, sample_model
+
+    images = tmp_path / "scenes"
+    images.mkdir()
+    for path in sorted((ROOT / "samples/data/digit_scenes/val/images").glob("*.png"))[:12]:
+        shutil.copy(path, images / path.name)
+    a, b = sample_model("deeplab_digits"), sample_model("unet_digits")
+    joined, scores = tmp_path / "joined.onnx", tmp_path / "s.npz"
+    run = CliRunner().invoke
+    assert run(cli, ["assemble", f"{a}:3", f"{b}:5", "-o", str(joined)]).exit_code == 0
+    args = ["attribute", str(joined), "--data", str(images), "-o", str(scores), "--tau", "0.7"]
+    assert run(cli, args).exit_code == 0
+    out = tmp_path / "cut.onnx"
+    args = ["extract", str(joined), "--scores", str(scores), "--classes", "1", "-o", str(out)]
+    result = run(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "no gradient reaches it" in result.output and "assemble again" in result.output
+    assert not out.exists()

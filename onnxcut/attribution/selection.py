@@ -335,6 +335,13 @@ def make_plan(
     for gid, kept in keep_by_group.items():
         layer = owner[gid]
         if kept.sum() < (sel.min_keep or 1) and sel.min_keep is None:
+            backward = scores.arrays.get(f"backward/{layer}")
+            if backward is not None and not backward[list(sel.classes)].any():
+                raise DataError(
+                    f"layer '{layer}': no gradient reaches it from the chosen categories, so it "
+                    "does not feed them (a part of an assembly that gives none of them?); "
+                    "assemble again from the parts that give the categories you want"
+                )
             raise DataError(
                 f"layer '{layer}': alpha={sel.alpha}, beta={sel.beta} keep no channel; "
                 "raise --alpha/--beta or pass --min-keep N"
