@@ -261,6 +261,13 @@ def make_plan(
         )
     budget.check_share("flops", sel.flops)
     budget.check_share("params", sel.params)
+    if any(p.key == "onnxcut.assembly" for p in model.metadata_props):
+        # Only the first part has a background logit: the others' cut is not guided by
+        # what keeps their logits low on background (docs/assemble.md measures the loss).
+        log.warning(
+            "planning a cut of an assembled model: parts after the first lose their "
+            "background; cut each part with extract before assembling instead"
+        )
     if sel.flops is not None and sel.params is not None:
         raise DataError("--flops and --params: give one budget")
     for name, value in (("alpha", sel.alpha), ("beta", sel.beta)):
