@@ -136,3 +136,13 @@ def test_bad_ray_inputs_are_one_line(images: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     result = _cli([*common, "--ray"])
     assert result.exit_code == 2 and "pip install 'onnxcut[ray]'" in result.output, result.output
+
+
+def test_a_user_error_in_a_task_comes_back_as_it_is(cluster, images: Path, tmp_path: Path):
+    """Not retried: the same settings would fail again. The one line names the flag."""
+    from onnxcut.attribution.cluster import attribute_ray
+    from onnxcut.errors import DataError
+
+    opts = AttributeOptions(tau=0.7, layers=("no_such_node",))
+    with pytest.raises(DataError, match="--layers names unknown node"):
+        attribute_ray(sample_model("deeplab_digits"), images, opts, address=cluster, shards=2)

@@ -134,26 +134,11 @@ def attribute_ray(
             shard_opts = dataclasses.replace(opts, shard=f"{k}/{n}", threads=threads)
             checkpoint = str(folder / f"shard-{k}-of-{n}.partial") if folder else None
             pending[remote.remote(model, images, shard_opts, checkpoint, tracker)] = k
-        total = len(listed)
-        base = sum(int(s.meta["done"]) for s in finished.values())
-        failed: dict[int, str] = {}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            for ref in ready:
-                k = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except Exception as e:  # a RayTaskError holds the task's own as its cause
-                    failed[k] = _reason(getattr(e, "cause", None) or e)
-                    continue
-                if isinstance(result, OnnxcutError):
-                    raise result
-                finished[k] = result
-                if folder:
-                    save_scores(result, folder / f"shard-{k}-of-{n}.npz")
-            if progress:
-                state = ray.get(tracker.state.remote()).values()
-                progress(min(base + sum(d for d, _ in state), total), total)
+        try:
+            failed = _collect(ray, pending, finished, folder, n, tracker, progress, len(listed))
+        finally:
+            for ref in pending:  # an error or an interrupt: stop what still runs on a cluster
+                ray.cancel(ref, force=True)
         if failed:
             k, why = min(failed.items())
             kept = f"{len(finished)} finished shards kept in {folder}" if folder else "nothing kept"
@@ -166,6 +151,31 @@ def attribute_ray(
         return merged
     finally:
         ray.shutdown()  # stops a cluster started here; only disconnects from another
+
+
+def _collect(ray, pending: dict, finished: dict, folder, n: int, tracker, progress, total: int):
+    """Wait for the shards in `pending` (ref -> k), saving each as it ends; {k: reason} of
+    those that failed every attempt. A user error from a task is raised as it is."""
+    base = sum(int(s.meta["done"]) for s in finished.values())
+    failed: dict[int, str] = {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+        for ref in ready:
+            k = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as e:  # a RayTaskError holds the task's own as its cause
+                failed[k] = _reason(getattr(e, "cause", None) or e)
+                continue
+            if isinstance(result, OnnxcutError):
+                raise result
+            finished[k] = result
+            if folder:
+                save_scores(result, folder / f"shard-{k}-of-{n}.npz")
+        if progress:
+            state = ray.get(tracker.state.remote()).values()
+            progress(min(base + sum(d for d, _ in state), total), total)
+    return failed
 
 
 def _reason(error: BaseException) -> str:
