@@ -362,57 +362,46 @@ def test_distill_an_assembled_classifier_against_one_teacher_per_part(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_distill_a_segmenter_assembled_with_the_max_background(tmp_path):
-    """`--background max` joins the parts' background logits with Max, which now trains."""
-    import shutil
-
+def _cli(*args) -> tuple[int, str]:
     from click.testing import CliRunner
 
     from onnxcut.cli.main import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def _deeplab_unet_scenes(tmp_path: Path, n: int):
+    """The two sample segmenters and a folder of `n` val scenes."""
+    import shutil
 
     from conftest import ROOT, sample_model
 
     images = tmp_path / "scenes"
     images.mkdir()
-    for path in sorted((ROOT / "samples/data/digit_scenes/val/images").glob("*.png"))[:8]:
+    for path in sorted((ROOT / "samples/data/digit_scenes/val/images").glob("*.png"))[:n]:
         shutil.copy(path, images / path.name)
-    a, b = sample_model("deeplab_digits"), sample_model("unet_digits")
-    joined = tmp_path / "joined.onnx"
-    args = ["assemble", f"{a}:3", f"{b}:5", "--background", "max", "-o", str(joined)]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    out = tmp_path / "tuned.onnx"
-    args = ["distill", str(joined), "--teacher", str(a), "--teacher", str(b), "--data"]
-    result = CliRunner().invoke(
-        cli, [*args, str(images), "-o", str(out), "--batch", "4", "--threads", "1"]
-    )
-    assert result.exit_code == 0, result.output
-    assert out.exists()
+    return sample_model("deeplab_digits"), sample_model("unet_digits"), images
+
+
+def test_distill_a_segmenter_assembled_with_the_max_background(tmp_path):
+    """`--background max` joins the parts' background logits with Max, which now trains."""
+    a, b, images = _deeplab_unet_scenes(tmp_path, 8)
+    joined, out = tmp_path / "joined.onnx", tmp_path / "tuned.onnx"
+    code, text = _cli("assemble", f"{a}:3", f"{b}:5", "--background", "max", "-o", joined)
+    assert code == 0, text
+    code, text = _cli("distill", joined, "--teacher", a, "--teacher", b, "--data", images,
+                      "-o", out, "--batch", 4, "--threads", 1)  # fmt: skip
+    assert code == 0 and out.exists(), text
 
 
 def test_recutting_an_assembly_to_one_part_names_the_way_out(tmp_path):
     """The parts not chosen get no gradient: plan says so instead of 'alpha keeps none'."""
-    import shutil
-
-    from click.testing import CliRunner
-
-    from onnxcut.cli.main import cli
-
-    from conftest import ROOT, sample_model
-
-    images = tmp_path / "scenes"
-    images.mkdir()
-    for path in sorted((ROOT / "samples/data/digit_scenes/val/images").glob("*.png"))[:12]:
-        shutil.copy(path, images / path.name)
-    a, b = sample_model("deeplab_digits"), sample_model("unet_digits")
-    joined, scores = tmp_path / "joined.onnx", tmp_path / "s.npz"
-    run = CliRunner().invoke
-    assert run(cli, ["assemble", f"{a}:3", f"{b}:5", "-o", str(joined)]).exit_code == 0
-    args = ["attribute", str(joined), "--data", str(images), "-o", str(scores), "--tau", "0.7"]
-    assert run(cli, args).exit_code == 0
-    out = tmp_path / "cut.onnx"
-    args = ["extract", str(joined), "--scores", str(scores), "--classes", "1", "-o", str(out)]
-    result = run(cli, args)
-    assert result.exit_code == 2, result.output
-    assert "no gradient reaches it" in result.output and "assemble again" in result.output
+    a, b, images = _deeplab_unet_scenes(tmp_path, 12)
+    joined, scores, out = tmp_path / "joined.onnx", tmp_path / "s.npz", tmp_path / "cut.onnx"
+    assert _cli("assemble", f"{a}:3", f"{b}:5", "-o", joined)[0] == 0
+    assert _cli("attribute", joined, "--data", images, "-o", scores, "--tau", 0.7)[0] == 0
+    code, text = _cli("extract", joined, "--scores", scores, "--classes", 1, "-o", out)
+    assert code == 2, text
+    assert "no gradient reaches it" in text and "assemble again" in text
     assert not out.exists()
