@@ -81,9 +81,12 @@ def _conv_input_grad(g: Emitter, s: Site, xs, ys, kernel, strides, dilations, gr
     extents = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
     full_begins = [e - 1 - b for e, b in zip(extents, begins, strict=True)]
     full_ends = [e - 1 - p for e, p in zip(extents, ends, strict=True)]
-    if set(strides) == {1} and min(full_begins + full_ends) >= 0:
-        # Stride 1: a Conv with the flipped kernel, far faster than a depthwise ConvTranspose.
-        weight = g.value(w)
+    weight = g.value(w)
+    # Stride 1: a Conv with the flipped kernel, far faster than a depthwise ConvTranspose. A
+    # trained (non-constant) dense kernel goes to ConvTranspose instead: flipping it in the
+    # graph costs more than it saves (benchmarks/train_speed.py).
+    dense_trained = weight is None and group == 1
+    if set(strides) == {1} and min(full_begins + full_ends) >= 0 and not dense_trained:
         flipped = (
             g.array(_flipped_transposed(weight, group), w)
             if weight is not None
