@@ -2,8 +2,9 @@
 
 For each sample model and digit subset: `plan --min-agreement A --data UNLABELED` (the budget
 bisected; each layer's sensitivity measured on the same held-out images, 64 of the unlabeled
-split), then the FLOPs kept, the agreement reached on those images, and the metric kept on
-the validation split (category-customised task, labels used only here). No training.
+split, or --images N), then the FLOPs kept, the agreement reached on those images, the same
+agreement on the validation images, and the metric kept on the validation split
+(category-customised task, labels used only here). No training.
 
     .venv/bin/python benchmarks/agreement_guard.py [--models a,b] [--subsets 1,2,5] [--min 0.95]
 """
@@ -29,12 +30,21 @@ from quality import (
     table,
 )
 
-from onnxcut.attribution.agreement import guarded_plan
+from onnxcut.attribution.agreement import AgreementCheck, guarded_plan
 from onnxcut.attribution.selection import Selection, make_plan
+from onnxcut.channels import extract
 from onnxcut.errors import DataError
 from onnxcut.graph.io import load
 
-COLUMNS = ("model", "digits", "min_agreement", "agreement", "flops_kept", "metric_kept")
+COLUMNS = (
+    "model",
+    "digits",
+    "min_agreement",
+    "agreement",
+    "val_agreement",
+    "flops_kept",
+    "metric_kept",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -44,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--min", type=float, default=0.95, help="the agreement to keep")
     p.add_argument("--work", type=Path, default=None, help="cache folder for scores (.npz)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--images", type=int, default=64, help="unlabeled images to agree on")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -55,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             model = load(setup.model)
             for digits in digit_subsets([int(s) for s in args.subsets.split(",")]).values():
                 classes = categories(setup, digits)
-                check = held_out_check(setup, model, classes)
+                check = held_out_check(setup, model, classes, limit=args.images)
                 row = {
                     "model": name,
                     "digits": ",".join(map(str, digits)),
@@ -75,8 +86,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                     continue
                 ref = score_model(setup, setup.model, classes)
                 got = ratios(score_plan(setup, plan, classes, Path(tmp)), ref)
+                # The same agreement on the validation images: how far the unlabeled split's
+                # figure carries to the images the metric is measured on.
+                on_val = AgreementCheck(
+                    model,
+                    setup.images,
+                    check.categories,
+                    threads=args.threads,
+                    background=0 if setup.task == "segment" else None,
+                )
                 row.update(
                     agreement=plan["selection"]["agreement"],
+                    val_agreement=round(on_val(extract(model, plan)), 3),
                     flops_kept=got["flops_kept"],
                     metric_kept=got["metric_kept"],
                 )
