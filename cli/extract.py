@@ -94,6 +94,10 @@ def extract_cmd(
         plan = parse_plan(built, scores)
     else:
         plan = load_plan(plan_path)
+        if selection["compensate"]:
+            from onnxcut.attribution.compensation import compensate
+
+            plan = compensate(load(model, shapes), plan, selection["compensate"])
     cut = extract(model, plan, input_shapes=shapes)
     save(cut, output, source=model)
     echo_sizes(load(model, shapes), cut)

@@ -91,6 +91,12 @@ def selection_options(f, classes_required: bool = True):
                 is_flag=True,
                 help="With --min-agreement: keep every channel when nothing smaller agrees.",
             ),
+            click.option(
+                "--compensate",
+                type=click.Path(),
+                help="Images (no labels) to measure removed channels' means on; their readers' "
+                "biases take them (the plan's compensation section).",
+            ),
         ]
     ):
         f = option(f)
@@ -105,6 +111,7 @@ def build_plan(
     min_agreement: float | None = None,
     agreement_data: str | None = None,
     allow_full: bool = False,
+    compensate: str | None = None,
     **selection,
 ) -> dict:
     """Make the plan for the selection options of `plan` and `extract --scores`.
@@ -115,7 +122,7 @@ def build_plan(
     from pathlib import Path
 
     from onnxcut.attribution.scores import load_scores
-    from onnxcut.attribution.selection import Selection, make_plan, parse_classes
+    from onnxcut.attribution.selection import Selection, parse_classes
     from onnxcut.errors import DataError
     from onnxcut.graph.io import load, sha256
 
@@ -136,6 +143,23 @@ def build_plan(
             raise DataError(f"--background '{background}': an index or none") from None
     sel = Selection(parse_classes(classes, scores.categories), background=bg, **selection)
     proto = load(model)
+    plan = _select(proto, scores, sel, min_agreement, agreement_data, allow_full)
+    if compensate is None:
+        return plan
+    from onnxcut import data
+    from onnxcut.attribution.compensation import compensate as measure
+
+    pre = data.fit_to_model(
+        data.preprocess_from(proto, overrides=scores.meta.get("preprocess") or {}), proto
+    )
+    return measure(proto, plan, compensate, preprocess=pre).to_dict()
+
+
+def _select(proto, scores, sel, min_agreement, agreement_data, allow_full) -> dict:
+    """The plan for a selection: thresholds, a budget, or the agreement guard."""
+    from onnxcut.attribution.selection import make_plan
+    from onnxcut.errors import DataError
+
     if agreement_data is None:
         if min_agreement is not None:
             raise DataError("--min-agreement needs --data DIR: held-out images to compare on")

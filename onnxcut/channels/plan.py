@@ -5,7 +5,9 @@
      "outputs": {"<graph output>": {"axis": 1, "keep": [indices]}}}
 
 Naming one producer of a channel group sets the kept channels of the whole group; the
-`outputs` section cuts the channels of a graph output (the head's categories).
+`outputs` section cuts the channels of a graph output (the head's categories). An optional
+`compensation` section, {"<Conv or Gemm node>": [one bias delta per output channel]}, is
+added to those nodes' biases before the cut, by `extract` and `mask` alike.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from onnxcut.channels.deps import ChannelTrace
 from onnxcut.errors import PlanError
 
 FORMAT = "onnxcut.plan/1"
-_KEYS = ("format", "model_sha256", "keep", "outputs", "selection")
+_KEYS = ("format", "model_sha256", "keep", "outputs", "selection", "compensation")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Plan:
     outputs: dict[str, OutputKeep] = field(default_factory=dict)
     model_sha256: str | None = None
     selection: dict[str, Any] = field(default_factory=dict)  # how it was chosen (budget, ...)
+    compensation: dict[str, tuple[float, ...]] = field(default_factory=dict)  # bias deltas
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"format": FORMAT}
@@ -52,6 +55,8 @@ class Plan:
         }
         if self.selection:
             data["selection"] = dict(self.selection)
+        if self.compensation:
+            data["compensation"] = {k: list(v) for k, v in self.compensation.items()}
         return data
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -114,11 +119,13 @@ def parse_plan(data: Any, source: str = "plan") -> Plan:
             raise PlanError(f"{where}: axis must be a non-negative integer")
         parsed_outputs[name] = OutputKeep(_indices(entry["keep"], where), axis)
     selection = _mapping(data.get("selection", {}), f"{source}: selection")
+    compensation = _mapping(data.get("compensation", {}), f"{source}: compensation")
     return Plan(
         {k: _indices(v, f"{source}: keep['{k}']") for k, v in keep.items()},
         parsed_outputs,
         sha.lower() if sha else None,
         dict(selection),
+        {k: _numbers(v, f"{source}: compensation['{k}']") for k, v in compensation.items()},
     )
 
 
@@ -126,6 +133,16 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise PlanError(f"{where} must be a JSON object keyed by name")
     return value
+
+
+def _numbers(value: Any, where: str) -> tuple[float, ...]:
+    ok = isinstance(value, list | tuple) and all(
+        isinstance(v, int | float | np.number) and not isinstance(v, bool) and np.isfinite(v)
+        for v in value
+    )
+    if not ok or not value:
+        raise PlanError(f"{where} must be a non-empty list of finite numbers (bias deltas)")
+    return tuple(float(v) for v in value)
 
 
 def _indices(value: Any, where: str) -> tuple[int, ...]:

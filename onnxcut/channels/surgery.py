@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
+from onnxcut.channels.compensation import add_bias_deltas
 from onnxcut.channels.deps import ChannelTrace, trace
 from onnxcut.channels.inspection import require_layers
 from onnxcut.channels.plan import Plan, PlanLike, as_plan, resolve
@@ -123,6 +124,7 @@ def _prepare(
         digest = sha256(model)
     proto = load(model, input_shapes)
     require_layers(proto, "<in-memory model>" if isinstance(model, ModelProto) else str(model))
+    add_bias_deltas(proto, plan.compensation)  # before the trace: cut like any bias
     channels = trace(proto)
     return proto, channels, resolve(plan, channels, digest), plan
 

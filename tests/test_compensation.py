@@ -1,0 +1,140 @@
+"""Bias compensation: the plan's `compensation` section, measured and applied."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxcut
+from onnxcut.attribution.compensation import compensate
+from onnxcut.channels.plan import parse_plan
+from onnxcut.cli.main import cli
+from onnxcut.errors import PlanError
+
+from conftest import ROOT, sample_model
+
+SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val" / "images"
+
+
+def _constant_channel_net() -> onnx.ModelProto:
+    """1x1 Conv (4 channels; channel 2 a constant 3.0: zero weights, bias 3) -> Relu ->
+    1x1 Conv (2 channels) -> output. Without channel 2 the second Conv loses 3 * W[:, 2]."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((4, 3, 1, 1)).astype(np.float32)
+    w1[2] = 0
+    b1 = np.array([0.1, -0.2, 3.0, 0.3], np.float32)
+    w2 = rng.standard_normal((2, 4, 1, 1)).astype(np.float32)
+    b2 = np.array([0.5, -0.5], np.float32)
+    inits = [
+        numpy_helper.from_array(v, k) for k, v in {"w1": w1, "b1": b1, "w2": w2, "b2": b2}.items()
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture
+def pictures(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), rng.integers(0, 255, (8, 8, 3), np.uint8))
+    return tmp_path
+
+
+def test_a_removed_constant_channel_is_compensated_exactly(pictures: Path):
+    model = _constant_channel_net()
+    plan = {"format": "onnxcut.plan/1", "keep": {"conv1": [0, 1, 3]}}
+    fixed = compensate(model, plan, pictures)
+    assert list(fixed.compensation) == ["conv2"]
+    w2 = numpy_helper.to_array(model.graph.initializer[2])
+    np.testing.assert_allclose(fixed.compensation["conv2"], 3.0 * w2[:, 2, 0, 0], rtol=1e-6)
+    x = np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    want = _run(model, x)
+    # 1x1 Convs: no border, so the compensated cut equals the original everywhere.
+    np.testing.assert_allclose(_run(onnxcut.extract(model, fixed), x), want, atol=1e-5)
+    np.testing.assert_allclose(_run(onnxcut.mask(model, fixed), x), want, atol=1e-5)
+    assert np.abs(_run(onnxcut.extract(model, plan), x) - want).max() > 0.1
+
+
+@pytest.mark.parametrize("name", ["deeplab_digits", "resnet_digits_cls"])
+def test_compensated_extract_equals_compensated_mask(name: str, tmp_path: Path):
+    """The deltas go in before the cut, so the two stay exactly equal."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(SCENES.glob("*.png"))[:6]:
+        shutil.copy(path, images / path.name)
+    model = onnxcut.load(sample_model(name))
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    # Keep half the channels of every other Conv: many readers lose inputs.
+    width = {t.name: t.dims[0] for t in model.graph.initializer}
+    keep = {}
+    for node in model.graph.node:
+        if node.name in convs[1:-2:2]:
+            keep[node.name] = list(range(width[node.input[1]] // 2))
+    plan = compensate(model, {"format": "onnxcut.plan/1", "keep": keep}, images, limit=6)
+    assert plan.compensation
+    shape = [1, 3, 64, 64] if name.startswith("deeplab") else [1, 3, 32, 32]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(
+        _run(onnxcut.extract(model, plan), x), _run(onnxcut.mask(model, plan), x), atol=1e-4
+    )
+
+
+def test_bad_compensation_sections():
+    model = _constant_channel_net()
+    base = {"format": "onnxcut.plan/1", "keep": {"conv1": [0, 1, 3]}}
+    with pytest.raises(PlanError, match="list of finite numbers"):
+        parse_plan({**base, "compensation": {"conv2": ["a", 1]}})
+    with pytest.raises(PlanError, match="has 3 values for 2 output channels"):
+        onnxcut.extract(model, {**base, "compensation": {"conv2": [1.0, 2.0, 3.0]}})
+    with pytest.raises(PlanError, match="not a Conv or Gemm node"):
+        onnxcut.extract(model, {**base, "compensation": {"relu1": [1.0]}})
+
+
+def test_cli_plan_and_extract_compensate(tmp_path: Path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(SCENES.glob("*.png"))[:12]:
+        shutil.copy(path, images / path.name)
+    run = CliRunner().invoke
+    scores, plan, out = tmp_path / "s.npz", tmp_path / "p.json", tmp_path / "c.onnx"
+    model = str(sample_model("deeplab_digits"))
+    args = ["attribute", model, "--data", str(images), "-o", str(scores), "--tau", "0.7"]
+    assert run(cli, args).exit_code == 0
+    args = ["plan", str(scores), "--classes", "4,6", "-o", str(plan), "--compensate", str(images)]
+    result = run(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(plan.read_text())["compensation"]
+    result = run(cli, ["extract", model, "--plan", str(plan), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["extract", model, "--plan", str(plan), "--compensate", str(empty), "-o", "x.onnx"]
+    result = run(cli, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
