@@ -146,7 +146,9 @@ def survey(variant: Variant, work: Path) -> Row:
         row.cells["plan"] = "no category seen"
         return row
     chosen = ",".join(map(str, classes))
-    if not step("plan", scores, "--classes", chosen, "--min-keep", "2", "-o", plan):
+    # --compensate: the plan carries bias deltas, which extract and mask must apply alike.
+    compensate = ["--compensate", data["images"]]
+    if not step("plan", scores, "--classes", chosen, "--min-keep", "2", *compensate, "-o", plan):
         return row
     step("extract", model, "--plan", plan, "-o", cut)
     step("mask", model, "--plan", plan, "-o", masked)
