@@ -1,11 +1,12 @@
-"""What bias compensation (`--compensate DIR`) keeps: the same plans with and without it.
+"""What `--compensate DIR` and `--reconstruct DIR` keep: the same plans with and without them.
 
     python benchmarks/compensation.py [--models a,b] [--subsets 2] [--work /tmp/quality]
 
 For each model and digit subset, two plans (no training): the papers' default thresholds
 (alpha = beta = tau = 0.9) and half the FLOPs (`--flops 0.5`, spread by sensitivity measured
-on 64 unlabeled images). Each is scored as it is and with its compensation section, whose
-means come from 256 images of the unlabeled split (never val). The metric kept is the
+on 64 unlabeled images). Each is scored as it is, with its compensation section (means from
+256 images of the unlabeled split), and reconstructed (the readers of removed channels refit
+by least squares on 64 unlabeled images); never on val. The metric kept is the
 sub-network's over the original's on the category-customised val task (mIoU of background
 plus the chosen digits, or top-1 on the chosen classes). `deeplab_wide_digits` (the wide
 sample) is trained first when missing, as benchmarks/wide_sample.py does.
@@ -34,10 +35,15 @@ from quality import (
 from wide_sample import WIDE, wide_setup
 
 from onnxcut.attribution.compensation import compensate
+from onnxcut.attribution.reconstruction import reconstruct
 from onnxcut.attribution.selection import Selection, make_plan
-from onnxcut.graph.io import load
+from onnxcut.channels import extract
+from onnxcut.graph.io import load, save
 
-COLUMNS = ("model", "digits", "plan", "flops_kept", "metric_kept", "compensated", "readers")
+COLUMNS = (
+    "model", "digits", "plan", "flops_kept", "metric_kept", "compensated", "reconstructed",
+    "readers",
+)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -69,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     plain = ratios(score_plan(setup, plan, classes, Path(tmp)), ref)
                     fixed = compensate(model, plan, unlabeled_images(setup), threads=args.threads)
                     kept = ratios(score_plan(setup, fixed.to_dict(), classes, Path(tmp)), ref)
+                    refit = reconstruct(model, plan, unlabeled_images(setup), threads=args.threads)
+                    path = Path(tmp) / "reconstructed.onnx"
+                    save(extract(refit, plan), path)
+                    rebuilt = ratios(score_model(setup, path, classes), ref)
                     rows.append(
                         {
                             "model": name,
@@ -77,11 +87,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                             "flops_kept": plain["flops_kept"],
                             "metric_kept": plain["metric_kept"],
                             "compensated": kept["metric_kept"],
+                            "reconstructed": rebuilt["metric_kept"],
                             "readers": len(fixed.compensation),
                         }
                     )
                     print(table(rows[-1:], COLUMNS) + "\n", flush=True)
-    print("## Bias compensation, no training\n\n" + table(rows, COLUMNS))
+    print("## Compensation and reconstruction, no training\n\n" + table(rows, COLUMNS))
 
 
 if __name__ == "__main__":

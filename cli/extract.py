@@ -63,6 +63,12 @@ def echo_sizes(before: ModelProto, after: ModelProto) -> None:
     help="Make the plan from SCORES.npz and --classes in the same step.",
 )
 @partial(selection_options, classes_required=False)
+@click.option(
+    "--reconstruct",
+    type=click.Path(),
+    help="Images (no labels): refit the layers that read removed channels so their outputs "
+    "match the original's (least squares), then cut.",
+)
 @out_option
 @input_shape_option
 def extract_cmd(
@@ -71,6 +77,7 @@ def extract_cmd(
     scores: str | None,
     output: str,
     input_shapes: tuple[str, ...],
+    reconstruct: str | None,
     **selection,
 ) -> None:
     """Slice the channels a plan removes out of MODEL and write the smaller model.
@@ -98,7 +105,16 @@ def extract_cmd(
             from onnxcut.attribution.compensation import compensate
 
             plan = compensate(load(model, shapes), plan, selection["compensate"])
-    cut = extract(model, plan, input_shapes=shapes)
+    source = model
+    if reconstruct is not None:
+        from onnxcut.attribution.reconstruction import reconstruct as refit
+        from onnxcut.channels.plan import check_model_sha
+
+        if plan.compensation:
+            raise click.UsageError("--reconstruct refits the biases too: drop --compensate")
+        check_model_sha(plan, model)  # the refit model is in memory: check the file's here
+        source = refit(load(model, shapes), plan, reconstruct)
+    cut = extract(source, plan, input_shapes=shapes)
     save(cut, output, source=model)
     echo_sizes(load(model, shapes), cut)
     if scores is not None:

@@ -9,9 +9,11 @@ from onnxcut.attribution import (
     Scores,
     Selection,
     attribute,
+    compensate,
     load_scores,
     make_plan,
     merge,
+    reconstruct,
     save_scores,
 )
 from onnxcut.channels import ChannelGroup, Plan, build_groups, extract, load_plan, mask, summarize
@@ -55,6 +57,7 @@ __all__ = [
     "attribute",
     "build_groups",
     "channel_sums",
+    "compensate",
     "distill",
     "evaluate",
     "extract",
@@ -65,6 +68,7 @@ __all__ = [
     "make_plan",
     "mask",
     "merge",
+    "reconstruct",
     "report",
     "save",
     "save_scores",

@@ -41,7 +41,7 @@ def compensate(
     """The plan with bias deltas for every reader of a removed channel, from `images`."""
     proto = load(model)
     plan = dataclasses.replace(as_plan(plan), compensation={})
-    readers = _readers(proto, mask(proto, plan))
+    readers = readers_of(proto, mask(proto, plan))
     if not readers:
         return plan
     pre = preprocess or data.fit_to_model(data.preprocess_from(proto), proto)
@@ -54,7 +54,7 @@ def compensate(
     return dataclasses.replace(plan, compensation=deltas)
 
 
-def _readers(original: ModelProto, masked: ModelProto) -> dict[str, tuple]:
+def readers_of(original: ModelProto, masked: ModelProto) -> dict[str, tuple]:
     """{node: (input tensor, (out, in) weight sums, removed input channels)} of the Conv
     (group 1) and Gemm nodes whose weights `mask` zeroed for some input channels."""
     before, after = GraphIndex(original), GraphIndex(masked)

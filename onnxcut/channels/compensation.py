@@ -26,7 +26,7 @@ def add_bias_deltas(model: ModelProto, deltas: Mapping[str, Sequence[float]]) ->
     nodes = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
     readers: dict[str, int] = {}
-    for i in _inputs_read(model.graph):
+    for i in inputs_read(model.graph):
         readers[i] = readers.get(i, 0) + 1
     for name, values in deltas.items():
         node = nodes.get(name)
@@ -68,13 +68,13 @@ def add_bias_deltas(model: ModelProto, deltas: Mapping[str, Sequence[float]]) ->
         model.graph.initializer.extend(keep)
 
 
-def _inputs_read(graph):
+def inputs_read(graph):
     """Every input name the graph's nodes read, subgraphs (If, Loop) included."""
     for n in graph.node:
         yield from n.input
         for a in n.attribute:
             for sub in [a.g] if a.HasField("g") else list(a.graphs):
-                yield from _inputs_read(sub)
+                yield from inputs_read(sub)
 
 
 def _bias_scale(node) -> float:

@@ -161,17 +161,29 @@ def _indices(value: Any, where: str) -> tuple[int, ...]:
     return tuple(int(i) for i in value)
 
 
-def resolve(plan: Plan, trace: ChannelTrace, model_sha256: str | None = None) -> np.ndarray:
-    """Check a plan against a traced model; return which channel classes are kept.
+def check_model_sha(plan: Plan, path: str | os.PathLike[str]) -> None:
+    """Raise PlanError when the plan names another model file's sha256 than `path`'s."""
+    from onnxcut.graph.io import sha256
 
-    Returns: (classes,) bool. Raises PlanError, one line naming what is wrong.
-    """
+    if plan.model_sha256 and Path(path).is_file():
+        _check_sha(plan, sha256(path))
+
+
+def _check_sha(plan: Plan, model_sha256: str | None) -> None:
     if plan.model_sha256 and model_sha256 and plan.model_sha256 != model_sha256:
         raise PlanError(
             f"plan model_sha256 {plan.model_sha256[:12]}... is not this model's "
             f"({model_sha256[:12]}...); the plan was made for another model: re-create it "
             "or drop model_sha256"
         )
+
+
+def resolve(plan: Plan, trace: ChannelTrace, model_sha256: str | None = None) -> np.ndarray:
+    """Check a plan against a traced model; return which channel classes are kept.
+
+    Returns: (classes,) bool. Raises PlanError, one line naming what is wrong.
+    """
+    _check_sha(plan, model_sha256)
     n_classes = len(trace.class_group)
     state = np.zeros(n_classes, dtype=np.int8)  # 0 unset, 1 kept, -1 removed
     owner: list[tuple[str, int] | None] = [None] * n_classes
