@@ -37,7 +37,7 @@ def test_quick_start_commands_run(tmp_path, monkeypatch):
     (tmp_path / "samples").symlink_to(ROOT / "samples")
     steps = [s for s in line.split(" && ") if s.startswith(".venv/bin/")][1:]
     verbs = [shlex.split(s)[1] for s in steps]
-    assert verbs == ["attribute", "extract", "samples/make_data.py", "distill", "eval"]
+    assert verbs == ["attribute", "samples/make_data.py", "extract", "distill", "eval"]
     for step in steps:
         args = shlex.split(step)
         if args[0].endswith("python"):  # the sample data script, in this interpreter
