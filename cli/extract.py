@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import click
@@ -113,7 +114,13 @@ def extract_cmd(
         if plan.compensation:
             raise click.UsageError("--reconstruct refits the biases too: drop --compensate")
         check_model_sha(plan, model)  # the refit model is in memory: check the file's here
-        source = refit(load(model, shapes), plan, reconstruct)
+        with click.progressbar(length=1, label="reconstruct", file=sys.stderr) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.length = total  # readers to refit, known once the plan is read
+                bar.update(done - bar.pos)
+
+            source = refit(load(model, shapes), plan, reconstruct, progress=progress)
     cut = extract(source, plan, input_shapes=shapes)
     save(cut, output, source=model)
     echo_sizes(load(model, shapes), cut)

@@ -46,7 +46,11 @@ def reconstruct(
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ModelProto:
-    """The model with every reader of a removed channel refit on `images` (up to `limit`)."""
+    """The model with every reader of a removed channel refit on `images` (up to `limit`).
+
+    Memory holds the sampled positions only (SAMPLES per reader), never a whole feature map
+    over all images.
+    """
     proto = load(model)
     plan = as_plan(plan)
     if plan.compensation:
@@ -58,18 +62,98 @@ def reconstruct(
     weights = {t.name for t in proto.graph.initializer}
     # Weights that Constant nodes or subgraphs compute stay as they are.
     order = [n.name for n in proto.graph.node if n.name in readers and n.input[1] in weights]
-    targets = _run(proto, [nodes[r].output[0] for r in order], paths, pre, provider, threads)
-    rng = np.random.default_rng(0)
+    if not order:
+        return proto
+    draws = {name: _Draw(np.random.default_rng(i), len(paths)) for i, name in enumerate(order)}
+    targets: dict[str, list[np.ndarray]] = {name: [] for name in order}
+    outputs = [nodes[name].output[0] for name in order]
+    for start, batch in _batches(proto, outputs, paths, pre, provider, threads):
+        for name, y in zip(order, batch, strict=True):
+            n, r, c = draws[name].positions(start, len(y), y.shape[2:])
+            targets[name].append(y[n, :, r, c] if y.ndim == 4 else y[n])  # (samples, outputs)
     for i, name in enumerate(order):
         node, removed = nodes[name], readers[name][2]
         # The inputs as the cut model computes them, with the readers before this one refit.
-        (x,) = _run(mask(proto, plan), [node.input[0]], paths, pre, provider, threads).values()
-        _refit(proto, node, x, targets[node.output[0]], removed, rng)
+        feats = []
+        cut = mask(proto, plan)
+        kernel = _weight(proto, node).shape[2:]
+        for start, (x,) in _batches(cut, [node.input[0]], paths, pre, provider, threads):
+            where = draws[name].positions(start, len(x))
+            feats.append(_windows(node, x, removed, kernel, where))
+        _refit(proto, node, np.concatenate(feats), np.concatenate(targets.pop(name)), removed)
         if progress:
             progress(i + 1, len(order))
     _drop_unread(proto)
     log.info("reconstruction: %d readers refit on %d images", len(order), len(paths))
     return proto
+
+
+class _Draw:
+    """Seeded output positions per image, drawn when the output's size is first seen."""
+
+    def __init__(self, rng: np.random.Generator, images: int):
+        self.rng, self.per_image = rng, max(1, -(-SAMPLES // max(images, 1)))
+        self.drawn: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def positions(self, start: int, count: int, size: tuple[int, ...] | None = None):
+        """(image in batch, row, col) arrays for the `count` images from image `start`; the
+        first call for a batch gives the output's spatial `size` and draws them."""
+        if size is not None:
+            cells = int(np.prod(size)) if size else 1
+            for n in range(count):
+                take = self.rng.choice(cells, min(self.per_image, cells), replace=False)
+                self.drawn[start + n] = np.divmod(take, size[1]) if size else (take, take)
+        images = range(start, start + count)
+        n = np.concatenate([np.full(len(self.drawn[k][0]), k - start) for k in images])
+        r = np.concatenate([self.drawn[k][0] for k in images])
+        c = np.concatenate([self.drawn[k][1] for k in images])
+        return n, r, c
+
+
+_BATCH = 8  # images per run; a model with a fixed batch uses its own
+
+
+def _batches(model, tensors, paths, pre, provider, threads):
+    """Yield (index of the batch's first image, [tensor values]) over the images."""
+    sess = session(expose_tensors(model, tensors), provider, threads)
+    name = sess.get_inputs()[0].name
+    fixed = sess.get_inputs()[0].shape[0]
+    size = fixed if isinstance(fixed, int) and fixed > 0 else _BATCH
+    if size > _BATCH:
+        raise DataError(f"the model's fixed batch of {size} is over {_BATCH}; fix it to 1")
+    start = 0
+    for batch in data.batches(paths, pre, size):
+        if len(batch.inputs) < size and isinstance(fixed, int) and fixed > 0:
+            continue  # a short last batch does not fit a fixed batch
+        yield start, sess.run(tensors, {name: batch.inputs})
+        start += len(batch.inputs)
+    if start == 0:
+        raise DataError(f"no batch of {size} readable images to reconstruct on; add images")
+
+
+def _weight(proto: ModelProto, node) -> np.ndarray:
+    found = next(t for t in proto.graph.initializer if t.name == node.input[1])
+    return numpy_helper.to_array(found)
+
+
+def _windows(node, x: np.ndarray, removed, kernel, where) -> np.ndarray:
+    """The kept inputs at the sampled positions: (samples, kept x kernel taps) windows of a
+    Conv, or the kept input features of a Gemm."""
+    n, r, c = where
+    kept = np.setdiff1d(np.arange(x.shape[1]), removed)
+    if node.op_type != "Conv":
+        return x[n][:, kept].astype(np.float64)
+    a = {v.name: helper.get_attribute_value(v) for v in node.attribute}
+    if x.ndim != 4 or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise DataError(f"reconstruction refits 2-D Convs with explicit pads ('{node.name}')")
+    pads = list(a.get("pads", [0] * 4))
+    strides, dilations = list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
+    xp = np.pad(x[:, kept], ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    windows = sliding_window_view(xp, span, axis=(2, 3))[
+        :, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]
+    ]
+    return windows[n, :, r, c].reshape(len(n), -1).astype(np.float64)
 
 
 def _drop_unread(proto: ModelProto) -> None:
@@ -81,32 +165,13 @@ def _drop_unread(proto: ModelProto) -> None:
     proto.graph.initializer.extend(keep)
 
 
-def _run(model, tensors, paths, pre, provider, threads) -> dict[str, np.ndarray]:
-    sess = session(expose_tensors(model, tensors), provider, threads)
-    name = sess.get_inputs()[0].name
-    fixed = sess.get_inputs()[0].shape[0]
-    size = fixed if isinstance(fixed, int) and fixed > 0 else 8
-    out: dict[str, list] = {t: [] for t in tensors}
-    for batch in data.batches(paths, pre, size):
-        if len(batch.inputs) < size and isinstance(fixed, int) and fixed > 0:
-            continue  # a short last batch does not fit a fixed batch
-        for t, v in zip(tensors, sess.run(tensors, {name: batch.inputs}), strict=True):
-            out[t].append(v)
-    if not out[tensors[0]]:
-        raise DataError(f"no batch of {size} readable images to reconstruct on; add images")
-    return {t: np.concatenate(v) for t, v in out.items()}
-
-
-def _refit(proto: ModelProto, node, x: np.ndarray, y: np.ndarray, removed, rng) -> None:
-    """Ridge least squares of `y` (the original output) on the kept inputs' windows."""
+def _refit(proto: ModelProto, node, feats: np.ndarray, target: np.ndarray, removed) -> None:
+    """Ridge least squares of the original output on the kept inputs' windows."""
     inits = {t.name: t for t in proto.graph.initializer}
     weight = numpy_helper.to_array(inits[node.input[1]])
     a = {v.name: helper.get_attribute_value(v) for v in node.attribute}
-    kept = np.setdiff1d(np.arange(x.shape[1]), removed)
-    if node.op_type == "Conv":
-        feats, target = _conv_samples(x, y, weight.shape[2:], a, kept, rng)
-    else:  # Gemm: y = alpha * x @ B' + beta * C; fit alpha * B' and beta * C
-        feats, target = x[:, kept].astype(np.float64), y.astype(np.float64)
+    kept = np.setdiff1d(np.arange(_inputs(node, weight)), removed)
+    target = target.astype(np.float64)
     design = np.concatenate([feats, np.ones((len(feats), 1))], axis=1)
     normal = design.T @ design
     normal += RIDGE * np.trace(normal) / len(normal) * np.eye(len(normal))
@@ -115,7 +180,7 @@ def _refit(proto: ModelProto, node, x: np.ndarray, y: np.ndarray, removed, rng) 
     if node.op_type == "Conv":
         new[:, kept] = solution[:-1].T.reshape(weight.shape[0], len(kept), *weight.shape[2:])
         bias = solution[-1]
-    else:
+    else:  # Gemm: y = alpha * x @ B' + beta * C
         fitted = solution[:-1] / float(a.get("alpha", 1.0))  # (kept inputs, outputs)
         if int(a.get("transB", 0)):
             new[:, kept] = fitted.T
@@ -128,24 +193,11 @@ def _refit(proto: ModelProto, node, x: np.ndarray, y: np.ndarray, removed, rng) 
     _replace(proto, node, 2, bias.reshape(shape).astype(weight.dtype), inits)
 
 
-def _conv_samples(x, y, kernel, a, kept, rng) -> tuple[np.ndarray, np.ndarray]:
-    """(samples, kept * kernel taps) input windows and (samples, outputs) targets."""
-    pads = list(a.get("pads", [0] * 4))
-    strides, dilations = list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
-    if len(kernel) != 2 or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise DataError("reconstruction refits 2-D Convs with explicit pads only")
-    xp = np.pad(x[:, kept], ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
-    windows = sliding_window_view(xp, span, axis=(2, 3))[
-        :, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]
-    ]
-    n = len(windows)
-    h, w = min(windows.shape[2], y.shape[2]), min(windows.shape[3], y.shape[3])
-    take = rng.choice(n * h * w, min(SAMPLES, n * h * w), replace=False)
-    i, rest = np.divmod(take, h * w)
-    r, c = np.divmod(rest, w)
-    feats = windows[i, :, r, c].reshape(len(take), -1).astype(np.float64)
-    return feats, y[i, :, r, c].astype(np.float64)
+def _inputs(node, weight: np.ndarray) -> int:
+    if node.op_type == "Conv":
+        return weight.shape[1]
+    transposed = any(a.name == "transB" and a.i for a in node.attribute)
+    return weight.shape[1] if transposed else weight.shape[0]
 
 
 def _replace(proto: ModelProto, node, position: int, value: np.ndarray, inits) -> None:
