@@ -98,7 +98,7 @@ def extract_cmd(
         raise click.UsageError("--scores needs --classes, e.g. --classes 4,8")
     shapes = parse_input_shapes(input_shapes)
     if scores is not None:
-        built = build_plan(model, scores, **selection)
+        built = build_plan(model, scores, reconstruct=reconstruct, **selection)
         plan = parse_plan(built, scores)
     else:
         plan = load_plan(plan_path)

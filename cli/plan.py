@@ -112,6 +112,7 @@ def build_plan(
     agreement_data: str | None = None,
     allow_full: bool = False,
     compensate: str | None = None,
+    reconstruct: str | None = None,
     **selection,
 ) -> dict:
     """Make the plan for the selection options of `plan` and `extract --scores`.
@@ -143,7 +144,7 @@ def build_plan(
             raise DataError(f"--background '{background}': an index or none") from None
     sel = Selection(parse_classes(classes, scores.categories), background=bg, **selection)
     proto = load(model)
-    plan = _select(proto, scores, sel, min_agreement, agreement_data, allow_full)
+    plan = _select(proto, scores, sel, min_agreement, agreement_data, allow_full, reconstruct)
     if compensate is None:
         return plan
     from onnxcut import data
@@ -155,8 +156,9 @@ def build_plan(
     return measure(proto, plan, compensate, preprocess=pre).to_dict()
 
 
-def _select(proto, scores, sel, min_agreement, agreement_data, allow_full) -> dict:
-    """The plan for a selection: thresholds, a budget, or the agreement guard."""
+def _select(proto, scores, sel, min_agreement, agreement_data, allow_full, reconstruct) -> dict:
+    """The plan for a selection: thresholds, a budget, or the agreement guard (which measures
+    the reconstructed sub-network when `reconstruct` names images to refit on)."""
     from onnxcut.attribution.selection import make_plan
     from onnxcut.errors import DataError
 
@@ -180,14 +182,26 @@ def _select(proto, scores, sel, min_agreement, agreement_data, allow_full) -> di
     )
     if min_agreement is None:
         return make_plan(proto, scores, sel, check=check)
-    return agreement.guarded_plan(
+    cut = None
+    if reconstruct is not None:
+        from onnxcut.attribution.reconstruction import reconstruct as refit
+        from onnxcut.channels.surgery import extract
+
+        def cut(model, plan):
+            return extract(refit(model, plan, reconstruct, preprocess=pre), plan)
+
+    plan = agreement.guarded_plan(
         proto,
         lambda s, check: make_plan(proto, scores, s, check=check),
         sel,
         check,
         min_agreement,
         allow_full=allow_full,
+        cut=cut,
     )
+    if reconstruct is not None:  # the agreement holds for the refit sub-network only
+        plan["selection"]["reconstructed"] = True
+    return plan
 
 
 @click.command("plan")

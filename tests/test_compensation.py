@@ -202,3 +202,29 @@ def test_cli_reconstruct(tmp_path: Path):
     result = run(cli, both)
     assert result.exit_code == 2 and "drop --compensate" in result.output, result.output
     assert not out.exists()
+
+
+def test_the_agreement_guard_measures_the_sub_network_cut_gives_it(tmp_path: Path):
+    """`extract --min-agreement --reconstruct` measures refit sub-networks: the guard takes
+    the function that makes each candidate."""
+    from onnxcut.attribution.agreement import AgreementCheck, guarded_plan
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(SCENES.glob("*.png"))[:8]:
+        shutil.copy(path, images / path.name)
+    model = onnxcut.load(sample_model("deeplab_digits"))
+    options = onnxcut.AttributeOptions(tau=0.7)
+    scores = onnxcut.attribute(sample_model("deeplab_digits"), images, options)
+    check = AgreementCheck(model, images, [0, 4, 6], background=0, limit=4)
+    made = []
+
+    def cut(m, plan):
+        made.append(plan)
+        return onnxcut.extract(m, plan)
+
+    def make(sel, check):
+        return onnxcut.make_plan(model, scores, sel, check=check)
+
+    plan = guarded_plan(model, make, onnxcut.Selection((4, 6)), check, 0.5, cut=cut)
+    assert len(made) > 1 and plan["selection"]["agreement"] >= 0.5

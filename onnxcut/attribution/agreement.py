@@ -130,11 +130,15 @@ def guarded_plan(
     min_agreement: float,
     *,
     allow_full: bool = False,
+    cut: Callable[[ModelProto, dict], ModelProto] | None = None,
 ) -> dict:
     """The plan at the smallest FLOPs budget whose sub-network agrees with `model` on at least
     `min_agreement` of `check`'s positions (bisection over the budget; `make_plan(sel,
-    check=check)` plans, so a sensitivity allocation is measured once)."""
+    check=check)` plans, so a sensitivity allocation is measured once). `cut(model, plan)`
+    makes the sub-network to measure (default `extract`; reconstruction refits it first)."""
     from onnxcut.channels.surgery import extract
+
+    cut = cut or extract
 
     if not 0 < min_agreement <= 1:
         raise DataError(f"--min-agreement {min_agreement}: a share, 0 < A <= 1")
@@ -146,7 +150,7 @@ def guarded_plan(
             if "smallest reachable" in str(e):
                 return None
             raise
-        return plan, check(extract(model, plan))
+        return plan, check(cut(model, plan))
 
     full = measure(1.0)
     assert full is not None  # a budget of 1 keeps every channel
