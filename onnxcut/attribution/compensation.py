@@ -61,11 +61,11 @@ def readers_of(original: ModelProto, masked: ModelProto) -> dict[str, tuple]:
     initializers = {t.name for t in original.graph.initializer}
     found = {}
     for node in original.graph.node:
-        weights = _in_by_out(node, before)
+        weights = in_by_out(node, before)
         bias = node.input[2] if len(node.input) > 2 else ""
         if weights is None or (bias and bias not in initializers):
             continue  # a bias computed in the graph cannot take the delta
-        zeroed = _in_by_out(after.nodes.get(node.name), after)
+        zeroed = in_by_out(after.nodes.get(node.name), after)
         if zeroed is None:
             continue
         removed = np.flatnonzero(~zeroed.any(axis=0) & weights.any(axis=0))
@@ -74,7 +74,7 @@ def readers_of(original: ModelProto, masked: ModelProto) -> dict[str, tuple]:
     return found
 
 
-def _in_by_out(node, index: GraphIndex) -> np.ndarray | None:
+def in_by_out(node, index: GraphIndex) -> np.ndarray | None:
     """A reader's weights as (outputs, inputs), summed over the kernel window, or None."""
     if node is None or node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
         return None

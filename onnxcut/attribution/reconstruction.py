@@ -1,10 +1,11 @@
 """Least-squares reconstruction: refit the layers that read removed channels, label-free.
 
-After a cut, a Conv (group 1) or Gemm that lost input channels sees only the kept ones. On
-unlabeled images, its kept-channel weights and bias are refit so that its output matches the
-original's: ridge least squares of the original output on the cut model's inputs (in their
-kernel windows), one reader at a time in graph order, each seeing the readers before it
-already refit (He et al. 2017 and ThiNet do the same for pruned CNNs). No gradient, no
+After a cut, a Conv (group 1) or Gemm that lost input channels sees only the kept ones, and
+every such layer below it sees changed inputs. On unlabeled images, each one's kept-channel
+weights and bias are refit so that its output matches the original's: ridge least squares
+of the original output on the cut model's inputs (in their kernel windows), one layer at a
+time in graph order, each seeing the layers before it already refit (He et al. 2017 and
+ThiNet do the same for pruned CNNs). No gradient, no
 labels. The result is a model of the original's shape whose readers carry the new weights;
 `extract` of it with the same plan cuts it exactly, as for any model.
 """
@@ -21,12 +22,12 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import ModelProto, helper, numpy_helper
 
 from onnxcut import data
-from onnxcut.attribution.compensation import readers_of
+from onnxcut.attribution.compensation import in_by_out, readers_of
 from onnxcut.channels.compensation import inputs_read
 from onnxcut.channels.plan import PlanLike, as_plan
 from onnxcut.channels.surgery import mask
 from onnxcut.errors import DataError
-from onnxcut.graph.io import expose_tensors, load
+from onnxcut.graph.io import GraphIndex, expose_tensors, load
 from onnxcut.runtime import session
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,7 @@ def reconstruct(
     pre = preprocess or data.fit_to_model(data.preprocess_from(proto), proto)
     paths = data.list_images(Path(images))[:limit]
     nodes = {n.name: n for n in proto.graph.node}
-    weights = {t.name for t in proto.graph.initializer}
-    # Weights that Constant nodes or subgraphs compute stay as they are.
-    order = [n.name for n in proto.graph.node if n.name in readers and n.input[1] in weights]
+    order = _refittable(proto, readers)
     if not order:
         return proto
     draws = {name: _Draw(np.random.default_rng(i), len(paths)) for i, name in enumerate(order)}
@@ -72,7 +71,8 @@ def reconstruct(
             n, r, c = draws[name].positions(start, len(y), y.shape[2:])
             targets[name].append(y[n, :, r, c] if y.ndim == 4 else y[n])  # (samples, outputs)
     for i, name in enumerate(order):
-        node, removed = nodes[name], readers[name][2]
+        node = nodes[name]
+        removed = readers[name][2] if name in readers else np.zeros(0, np.int64)
         # The inputs as the cut model computes them, with the readers before this one refit.
         feats = []
         cut = mask(proto, plan)
@@ -86,6 +86,24 @@ def reconstruct(
     _drop_unread(proto)
     log.info("reconstruction: %d readers refit on %d images", len(order), len(paths))
     return proto
+
+
+def _refittable(proto: ModelProto, readers: dict) -> list[str]:
+    """The readers of removed channels and every Conv (group 1) or Gemm below them, whose
+    inputs the cut changes too, in graph order. Weights that Constant nodes or subgraphs
+    compute stay as they are."""
+    index = GraphIndex(proto)
+    weights = {t.name for t in proto.graph.initializer}
+    changed: set[str] = set()
+    order = []
+    for node in proto.graph.node:  # topological: a node after its inputs' producers
+        below = node.name in readers or any(i in changed for i in node.input)
+        if not below:
+            continue
+        changed.update(node.output)
+        if len(node.input) > 1 and node.input[1] in weights and in_by_out(node, index) is not None:
+            order.append(node.name)
+    return order
 
 
 class _Draw:
