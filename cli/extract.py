@@ -114,13 +114,19 @@ def extract_cmd(
         if plan.compensation:
             raise click.UsageError("--reconstruct refits the biases too: drop --compensate")
         check_model_sha(plan, model)  # the refit model is in memory: check the file's here
-        with click.progressbar(length=1, label="reconstruct", file=sys.stderr) as bar:
+        bars: list = []  # opened at the first refit layer, so an error stays one line
 
-            def progress(done: int, total: int) -> None:
-                bar.length = total  # readers to refit, known once the plan is read
-                bar.update(done - bar.pos)
+        def progress(done: int, total: int) -> None:
+            if not bars:
+                bar = click.progressbar(length=total, label="reconstruct", file=sys.stderr)
+                bars.append(bar.__enter__())
+            bars[0].update(done - bars[0].pos)
 
+        try:
             source = refit(load(model, shapes), plan, reconstruct, progress=progress)
+        finally:
+            if bars:
+                bars[0].__exit__(None, None, None)
     cut = extract(source, plan, input_shapes=shapes)
     save(cut, output, source=model)
     echo_sizes(load(model, shapes), cut)

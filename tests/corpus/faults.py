@@ -155,6 +155,13 @@ def data_cases(b: Base) -> list[Case]:
             "plan", b.scores, "--classes", "1,2", "--min-agreement", "0.5", "--data", images,
             "-o", f"{OUT}/p.json",
         ]  # fmt: skip
+        verbs["plan --compensate"] = [
+            "plan", b.scores, "--classes", "1,2", "--compensate", images, "-o", f"{OUT}/p.json",
+        ]  # fmt: skip
+        verbs["extract --reconstruct"] = [
+            "extract", b.model, "--scores", b.scores, "--classes", "1,2", "--reconstruct",
+            images, "-o", f"{OUT}/r.onnx",
+        ]  # fmt: skip
         out += _cases("data", name, verbs)
     masks = {
         "masks of another size": broken.masks_of_another_size(b.images, d / "small"),
