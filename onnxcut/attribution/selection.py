@@ -266,7 +266,7 @@ def make_plan(
         # what keeps their logits low on background (docs/assemble.md measures the loss).
         log.warning(
             "planning a cut of an assembled model: parts after the first lose their "
-            "background; cut each part with extract before assembling instead"
+            "background; refit with extract --reconstruct, or cut each part before assembling"
         )
     if sel.flops is not None and sel.params is not None:
         raise DataError("--flops and --params: give one budget")
