@@ -13,7 +13,13 @@ import numpy as np
 from onnxcut.errors import UnsupportedOpError
 from onnxcut.grad.emitter import Emitter, Site, decoded
 from onnxcut.grad.registry import vjp
-from onnxcut.grad.weights import channel_sum, conv_weight_grad, flipped_transposed
+from onnxcut.grad.weights import (
+    channel_sum,
+    conv_weight_grad,
+    conv_weight_grad_matmul,
+    flipped_transposed,
+    use_matmul,
+)
 
 
 def _window(g: Emitter, s: Site, spatial: int) -> tuple[list[int], list[int], list[int]]:
@@ -65,9 +71,11 @@ def conv(g: Emitter, s: Site):
     begins, ends = conv_pads(s.attrs, list(xs[2:]), kernel, strides, dilations)
     dw = db = None
     if s.needs[1]:
-        dw = conv_weight_grad(
-            g, g.fwd(x), xs, s.g, kernel, strides, dilations, group, begins + ends
-        )
+        pads = begins + ends
+        if use_matmul(xs, kernel, group, pads):
+            dw = conv_weight_grad_matmul(g, g.fwd(x), xs, s.g, kernel, strides, dilations, pads)
+        else:
+            dw = conv_weight_grad(g, g.fwd(x), xs, s.g, kernel, strides, dilations, group, pads)
     if s.input(2) and s.needs[2]:
         db = channel_sum(g, s.g, len(ys))
     dx = _conv_input_grad(g, s, xs, ys, kernel, strides, dilations, group, begins, ends)

@@ -53,6 +53,62 @@ def conv_weight_grad(
     return g.op("Transpose", [cropped], perm=[1, 0, *axes])
 
 
+def conv_weight_grad_matmul(
+    g: Emitter,
+    inp: str,
+    inp_shape: Sequence[int],
+    dy: str,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    pads: Sequence[int],
+) -> str | None:
+    """dL/dW of a dense 2-D Conv as one MatMul over an im2col of the input, or None where
+    that does not apply (see `use_matmul`).
+
+    The input goes channel-last, each kernel tap is one strided Slice of it, the taps are
+    concatenated on the channel axis: (N*Ho*Wo, taps*C), the output gradient is viewed
+    (M, N*Ho*Wo), and dW = dy @ patches, (M, taps*C) -> (M, C, kh, kw). onnxruntime runs
+    the grouped correlation of `conv_weight_grad` as one thin GEMM per input channel; this
+    runs one wide GEMM instead.
+    """
+    h, w = inp_shape[2:]
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
+    top, left, bottom, right = pads
+    out_h = (h + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    out_w = (w + left + right - (kw - 1) * dw - 1) // sw + 1
+    channels = inp_shape[1]
+    nhwc = g.op("Transpose", [inp], perm=[0, 2, 3, 1])
+    padded = g.op("Pad", [nhwc, g.ints([0, top, left, 0, 0, bottom, right, 0])])
+    taps = [
+        g.op(
+            "Slice",
+            [
+                padded,
+                g.ints([a * dh, b * dw]),
+                g.ints([a * dh + (out_h - 1) * sh + 1, b * dw + (out_w - 1) * sw + 1]),
+                g.ints([1, 2]),
+                g.ints([sh, sw]),
+            ],
+        )
+        for a in range(kh)
+        for b in range(kw)
+    ]
+    patches = g.op("Concat", taps, axis=3) if len(taps) > 1 else taps[0]
+    patches = g.op("Reshape", [patches, g.ints([-1, kh * kw * channels])])
+    grads = g.op("Transpose", [dy], perm=[1, 0, 2, 3])
+    grads = g.op("Reshape", [grads, g.ints([0, -1])])
+    product = g.op("MatMul", [grads, patches])  # (M, taps * C), tap-major
+    product = g.op("Reshape", [product, g.ints([0, kh, kw, channels])])
+    return g.op("Transpose", [product], perm=[0, 3, 1, 2])
+
+
+def use_matmul(inp_shape: Sequence[int], kernel: Sequence[int], group: int, pads) -> bool:
+    """The im2col MatMul applies to dense 2-D Convs with static spatial sizes and padding."""
+    static = all(isinstance(d, int) and d > 0 for d in inp_shape[1:])
+    return group == 1 and len(kernel) == 2 and len(inp_shape) == 4 and static and min(pads) >= 0
+
+
 def channel_sum(g: Emitter, dy: str, rank: int, axis: int = 1) -> str:
     """Sum a gradient over every axis but `axis`: a per-channel bias or scale gradient."""
     return g.reduce_sum(dy, [a for a in range(rank) if a != axis], keepdims=False)
