@@ -178,9 +178,12 @@ def conv_transpose(g: Emitter, s: Site):
             group=group,
             pads=begins + ends,
         )
-    if s.needs[1]:
-        pads = begins + ends
-        dw = conv_weight_grad(g, dy, dy_shape, g.fwd(x), kernel, strides, dilations, group, pads)
+    if s.needs[1]:  # the adjoint Conv's weight gradient: its input is dy, its output x
+        pads, fx = begins + ends, g.fwd(x)
+        if use_matmul(dy_shape, kernel, group, pads):
+            dw = conv_weight_grad_matmul(g, dy, dy_shape, fx, kernel, strides, dilations, pads)
+        else:
+            dw = conv_weight_grad(g, dy, dy_shape, fx, kernel, strides, dilations, group, pads)
     if s.input(2) and s.needs[2]:
         db = channel_sum(g, s.g, len(ys))
     return (dx, dw, db)
