@@ -70,17 +70,21 @@ def reconstruct(
         for name, y in zip(order, batch, strict=True):
             n, r, c = draws[name].positions(start, len(y), y.shape[2:])
             targets[name].append(y[n, :, r, c] if y.ndim == 4 else y[n])  # (samples, outputs)
+    # The cut model, masked once: a refit layer has zeros where its removed inputs were, so
+    # its new weights go into the masked copy as they are, as mask would leave them.
+    cut = mask(proto, plan)
+    cut_nodes = {n.name: n for n in cut.graph.node}
     for i, name in enumerate(order):
         node = nodes[name]
         removed = readers[name][2] if name in readers else np.zeros(0, np.int64)
-        # The inputs as the cut model computes them, with the readers before this one refit.
+        # The inputs as the cut model computes them, with the layers before this one refit.
         feats = []
-        cut = mask(proto, plan)
         kernel = _weight(proto, node).shape[2:]
         for start, (x,) in _batches(cut, [node.input[0]], paths, pre, provider, threads):
             where = draws[name].positions(start, len(x))
             feats.append(_windows(node, x, removed, kernel, where))
         _refit(proto, node, np.concatenate(feats), np.concatenate(targets.pop(name)), removed)
+        _copy_inputs(proto, node, cut, cut_nodes[name])
         if progress:
             progress(i + 1, len(order))
     _drop_unread(proto)
@@ -216,6 +220,14 @@ def _inputs(node, weight: np.ndarray) -> int:
         return weight.shape[1]
     transposed = any(a.name == "transB" and a.i for a in node.attribute)
     return weight.shape[1] if transposed else weight.shape[0]
+
+
+def _copy_inputs(source: ModelProto, node, target: ModelProto, twin) -> None:
+    """Point `twin` (the node in `target`) at copies of `node`'s refit weight and bias."""
+    inits = {t.name: t for t in source.graph.initializer}
+    taken = {t.name: t for t in target.graph.initializer}
+    for position in (1, 2):
+        _replace(target, twin, position, numpy_helper.to_array(inits[node.input[position]]), taken)
 
 
 def _replace(proto: ModelProto, node, position: int, value: np.ndarray, inits) -> None:
