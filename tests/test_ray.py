@@ -146,3 +146,12 @@ def test_a_user_error_in_a_task_comes_back_as_it_is(cluster, images: Path, tmp_p
     opts = AttributeOptions(tau=0.7, layers=("no_such_node",))
     with pytest.raises(DataError, match="--layers names unknown node"):
         attribute_ray(sample_model("deeplab_digits"), images, opts, address=cluster, shards=2)
+
+
+def test_a_gpu_provider_on_a_cluster_without_gpus_is_refused(cluster, images: Path):
+    from onnxcut.attribution.cluster import attribute_ray
+    from onnxcut.errors import DataError
+
+    opts = AttributeOptions(tau=0.7, provider="cuda")
+    with pytest.raises(DataError, match="the cluster has no GPU"):
+        attribute_ray(sample_model("deeplab_digits"), images, opts, address=cluster)

@@ -116,6 +116,11 @@ def attribute_ray(
     try:
         gpu = opts.provider in ("cuda", "tensorrt")
         resources = ray.cluster_resources()
+        if gpu and resources.get("GPU", 0) < 1:  # the tasks would wait for a GPU forever
+            raise DataError(
+                f"--provider {opts.provider} with --ray: the cluster has no GPU; "
+                "use --provider cpu or join a cluster with GPUs"
+            )
         n = shards or max(int(resources.get("GPU" if gpu else "CPU", 1)), 1)
         threads = opts.threads or 1  # one core per task unless told otherwise
         folder = Path(work_dir) if work_dir else None
