@@ -70,6 +70,13 @@ def echo_sizes(before: ModelProto, after: ModelProto) -> None:
     help="Images (no labels): refit the layers that read removed channels so their outputs "
     "match the original's (least squares), then cut.",
 )
+@click.option(
+    "--reconstruct-images",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Images of --reconstruct to fit on.",
+)
 @out_option
 @input_shape_option
 def extract_cmd(
@@ -79,6 +86,7 @@ def extract_cmd(
     output: str,
     input_shapes: tuple[str, ...],
     reconstruct: str | None,
+    reconstruct_images: int,
     **selection,
 ) -> None:
     """Slice the channels a plan removes out of MODEL and write the smaller model.
@@ -123,7 +131,9 @@ def extract_cmd(
             bars[0].update(done - bars[0].pos)
 
         try:
-            source = refit(load(model, shapes), plan, reconstruct, progress=progress)
+            source = refit(
+                load(model, shapes), plan, reconstruct, limit=reconstruct_images, progress=progress
+            )
         finally:
             if bars:
                 bars[0].__exit__(None, None, None)
