@@ -228,3 +228,24 @@ def test_the_agreement_guard_measures_the_sub_network_cut_gives_it(tmp_path: Pat
 
     plan = guarded_plan(model, make, onnxcut.Selection((4, 6)), check, 0.5, cut=cut)
     assert len(made) > 1 and plan["selection"]["agreement"] >= 0.5
+
+
+def test_reconstruction_resolves_auto_pad(pictures: Path):
+    """TFLite exports write SAME padding as auto_pad: the refit windows follow it."""
+    from onnxcut.attribution.reconstruction import reconstruct
+
+    model = _constant_channel_net()
+    conv2 = model.graph.node[2]
+    w2 = np.random.default_rng(4).standard_normal((2, 4, 3, 3)).astype(np.float32)
+    model.graph.initializer[2].CopyFrom(numpy_helper.from_array(w2, "w2"))
+    conv2.attribute.extend([helper.make_attribute("auto_pad", "SAME_UPPER")])
+    plan = {"format": "onnxcut.plan/1", "keep": {"conv1": [0, 1, 3]}}
+    refit = reconstruct(model, plan, pictures)
+    pre = onnxcut.data.fit_to_model(onnxcut.data.preprocess_from(model), model)
+    x = next(onnxcut.data.batches(onnxcut.data.list_images(pictures)[:1], pre, 1)).inputs
+    want, got = _run(model, x), _run(onnxcut.extract(refit, plan), x)
+    plain = _run(onnxcut.extract(model, plan), x)
+    # One bias cannot match both the zero-padded border and the inside of an 8x8 map: the
+    # fit halves the error, where a window placed wrongly would not.
+    assert np.abs(got - want).mean() < 0.5 * np.abs(plain - want).mean()
+    np.testing.assert_allclose(got, _run(onnxcut.mask(refit, plan), x), atol=1e-5)

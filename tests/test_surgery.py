@@ -500,3 +500,37 @@ def test_cli_inspect_lists_groups(resnet_files):
     assert 0.5 < report["prunable_param_share"] <= 1.0
     text = cli_run("inspect", model).output
     assert "channel groups: 7, 6 prunable" in text and "frozen: its channels reach" in text
+
+
+@pytest.fixture(scope="module")
+def noise_images(tmp_path_factory) -> Path:
+    """Unlabeled images to refit on: random pixels (preprocessing resizes them)."""
+    import cv2
+
+    root = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        cv2.imwrite(str(root / f"{i}.png"), rng.integers(0, 255, (24, 24, 3), np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_reconstructed_extract_equals_reconstructed_mask(name: str, data, noise_images: Path):
+    """Refit layers (onnxcut.reconstruct) are ordinary weights: the cut stays exact."""
+    from onnxcut.attribution.reconstruction import reconstruct
+
+    model, channels = family(name)
+
+    def draw_subset(n: int, block: int | None) -> np.ndarray:
+        size = block or n
+        bits = np.array(data.draw(st.lists(st.booleans(), min_size=size, max_size=size)))
+        if not bits.any():
+            bits[data.draw(st.integers(0, size - 1))] = True
+        return np.tile(bits, n // size)
+
+    plan = random_plan(
+        channels, lambda: data.draw(st.booleans()), draw_subset, BLOCKS.get(name, {})
+    )
+    assert_same_on_kept(reconstruct(model, plan, noise_images, limit=4), plan)

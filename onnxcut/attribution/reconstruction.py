@@ -27,6 +27,7 @@ from onnxcut.channels.compensation import inputs_read
 from onnxcut.channels.plan import PlanLike, as_plan
 from onnxcut.channels.surgery import mask
 from onnxcut.errors import DataError
+from onnxcut.grad.nn import conv_pads
 from onnxcut.graph.io import GraphIndex, expose_tensors, load
 from onnxcut.runtime import session
 
@@ -166,10 +167,11 @@ def _windows(node, x: np.ndarray, removed, kernel, where) -> np.ndarray:
     if node.op_type != "Conv":
         return x[n][:, kept].astype(np.float64)
     a = {v.name: helper.get_attribute_value(v) for v in node.attribute}
-    if x.ndim != 4 or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise DataError(f"reconstruction refits 2-D Convs with explicit pads ('{node.name}')")
-    pads = list(a.get("pads", [0] * 4))
+    if x.ndim != 4:
+        raise DataError(f"reconstruction refits 2-D Convs; '{node.name}' is not one")
     strides, dilations = list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
+    begins, ends = conv_pads(a, list(x.shape[2:]), list(kernel), strides, dilations)
+    pads = [*begins, *ends]  # auto_pad (TFLite's SAME) resolved against the input size
     xp = np.pad(x[:, kept], ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
     windows = sliding_window_view(xp, span, axis=(2, 3))[
