@@ -5,9 +5,9 @@ every such layer below it sees changed inputs. On unlabeled images, each one's k
 weights and bias are refit so that its output matches the original's: ridge least squares
 of the original output on the cut model's inputs (in their kernel windows), one layer at a
 time in graph order, each seeing the layers before it already refit (He et al. 2017 and
-ThiNet do the same for pruned CNNs). No gradient, no
-labels. The result is a model of the original's shape whose readers carry the new weights;
-`extract` of it with the same plan cuts it exactly, as for any model.
+ThiNet do the same for pruned CNNs). No gradient, no labels. The result is a model of the
+original's shape whose refit layers carry the new weights; `extract` of it with the same
+plan cuts it exactly, as for any model.
 """
 
 from __future__ import annotations
