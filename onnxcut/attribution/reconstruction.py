@@ -142,8 +142,6 @@ def _batches(model, tensors, paths, pre, provider, threads):
     name = sess.get_inputs()[0].name
     fixed = sess.get_inputs()[0].shape[0]
     size = fixed if isinstance(fixed, int) and fixed > 0 else _BATCH
-    if size > _BATCH:
-        raise DataError(f"the model's fixed batch of {size} is over {_BATCH}; fix it to 1")
     start = 0
     for batch in data.batches(paths, pre, size):
         if len(batch.inputs) < size and isinstance(fixed, int) and fixed > 0:
