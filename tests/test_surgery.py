@@ -237,8 +237,9 @@ def assert_same_on_kept(original: onnx.ModelProto, plan: Plan) -> None:
         np.testing.assert_allclose(got[name], ref, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
 
 
-def check_random_plan(name: str, data) -> None:
-    model, channels = family(name)
+def draw_plan(name: str, data) -> Plan:
+    """A random plan for a family, drawn by hypothesis."""
+    _, channels = family(name)
 
     def draw_subset(n: int, block: int | None) -> np.ndarray:
         size = block or n
@@ -248,8 +249,11 @@ def check_random_plan(name: str, data) -> None:
         return np.tile(bits, n // size)
 
     blocks = BLOCKS.get(name, {})
-    plan = random_plan(channels, lambda: data.draw(st.booleans()), draw_subset, blocks)
-    assert_same_on_kept(model, plan)
+    return random_plan(channels, lambda: data.draw(st.booleans()), draw_subset, blocks)
+
+
+def check_random_plan(name: str, data) -> None:
+    assert_same_on_kept(family(name)[0], draw_plan(name, data))
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -521,16 +525,5 @@ def test_reconstructed_extract_equals_reconstructed_mask(name: str, data, noise_
     """Refit layers (onnxcut.reconstruct) are ordinary weights: the cut stays exact."""
     from onnxcut.attribution.reconstruction import reconstruct
 
-    model, channels = family(name)
-
-    def draw_subset(n: int, block: int | None) -> np.ndarray:
-        size = block or n
-        bits = np.array(data.draw(st.lists(st.booleans(), min_size=size, max_size=size)))
-        if not bits.any():
-            bits[data.draw(st.integers(0, size - 1))] = True
-        return np.tile(bits, n // size)
-
-    plan = random_plan(
-        channels, lambda: data.draw(st.booleans()), draw_subset, BLOCKS.get(name, {})
-    )
-    assert_same_on_kept(reconstruct(model, plan, noise_images, limit=4), plan)
+    plan = draw_plan(name, data)
+    assert_same_on_kept(reconstruct(family(name)[0], plan, noise_images, limit=4), plan)
