@@ -9,9 +9,10 @@
 #    TensorRT (each compared with the CPU);
 # 3. figures: `attribute` images/s on the ResNet-18-size sample (deeplab_wide_digits, built
 #    with torch when missing) with 2 CPU threads pinned to 2 cores and with CUDA (target:
-#    CUDA >= 10x); extract digits 3,5 at half the FLOPs, distill one epoch on CUDA, eval
-#    on CUDA; TensorRT engine build of the sub-network with its latency beside the FLOPs
-#    ratio (onnxruntime's TensorRT provider, and trtexec when it is on PATH).
+#    CUDA >= 10x); extract digits 3,5 at half the FLOPs (refit with --reconstruct), distill
+#    one epoch on CUDA, eval on CUDA; TensorRT engine build of the sub-network with its
+#    latency beside the FLOPs ratio (onnxruntime's TensorRT provider, and trtexec when it is
+#    on PATH).
 # Figures are printed; nothing is written outside /tmp/onnxcut-gpu and .venv-gpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,7 +83,7 @@ print(f"CUDA / 2-core CPU: {ratio:.1f}x (target >= 10)")
 
 sub, distilled = work / "sub.onnx", work / "sub_distilled.onnx"
 run(["extract", wide, "--scores", work / "cuda.npz", "--classes", "3,5", "--flops", 0.5,
-     "--round-to", 8, "-o", sub])
+     "--round-to", 8, "--reconstruct", root / "samples/data/digit_scenes/unlabeled", "-o", sub])
 _, seconds = run(["distill", sub, "--teacher", wide, "--data",
                   root / "samples/data/digit_scenes/unlabeled", "-o", distilled,
                   "--provider", "cuda", "--batch", 32])
