@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import click
 
 from onnxcut.cli.options import (
     input_shape_option,
+    lazy_progress,
     model_argument,
     preprocess_options,
     preprocess_overrides,
@@ -142,21 +142,9 @@ def attribute_cmd(
         input_shapes=parse_input_shapes(input_shapes),
     )
     checkpoint = out_path.with_name(out_path.name + ".partial")
-    # The bar starts at the first batch, so errors found while loading stay one line.
-    bars: list = []
-
-    def progress(done: int, total: int) -> None:
-        if not bars:
-            bars.append(
-                click.progressbar(
-                    length=total, label="attribute", file=sys.stderr, show_pos=True
-                ).__enter__()
-            )
-        bars[0].update(done - bars[0].pos)
-
     if shards is not None and ray_address is None:
         raise click.UsageError("--shards N runs with --ray; without it use --shard K/N")
-    try:
+    with lazy_progress("attribute", show_pos=True) as progress:
         if ray_address is not None:
             from onnxcut.attribution.cluster import attribute_ray
 
@@ -174,9 +162,6 @@ def attribute_cmd(
             scores = attribute(
                 model, data_dir, opts, checkpoint=checkpoint, resume=resume, progress=progress
             )
-    finally:
-        if bars:
-            bars[0].__exit__(None, None, None)
     scores.meta.pop("done", None)
     save_scores(scores, out_path)
     checkpoint.unlink(missing_ok=True)

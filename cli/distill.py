@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from onnxcut.cli.options import (
     input_shape_option,
+    lazy_progress,
     model_argument,
     preprocess_options,
     preprocess_overrides,
@@ -85,21 +85,6 @@ def distill_cmd(model, teachers, data_dir, out, **kw) -> None:
 
         teacher = teacher_for(model, teachers, input_shapes=opts.input_shapes)
     checkpoint = out_path.with_name(out_path.name + ".partial")
-    # The bar starts at the first step, so errors found while loading stay one line.
-    bars: list = []
-
-    def progress(done: int, total: int, loss: float) -> None:
-        if not bars:
-            bars.append(
-                click.progressbar(
-                    length=total,
-                    label="distill",
-                    file=sys.stderr,
-                    show_pos=True,
-                    item_show_func=lambda v: f"loss {v:.4f}" if v is not None else "",
-                ).__enter__()
-            )
-        bars[0].update(done - bars[0].pos, loss)
 
     def epoch_line(report) -> None:
         agreement = (
@@ -113,7 +98,10 @@ def distill_cmd(model, teachers, data_dir, out, **kw) -> None:
             err=True,
         )
 
-    try:
+    def loss_text(loss: float | None) -> str:
+        return f"loss {loss:.4f}" if loss is not None else ""
+
+    with lazy_progress("distill", show_pos=True, item_show_func=loss_text) as progress:
         result = distill(
             model,
             teacher,
@@ -124,9 +112,6 @@ def distill_cmd(model, teachers, data_dir, out, **kw) -> None:
             progress=progress,
             on_epoch=epoch_line,
         )
-    finally:
-        if bars:
-            bars[0].__exit__(None, None, None)
     save(result, out_path, source=model)
     checkpoint.unlink(missing_ok=True)
     click.echo(f"wrote {out}")

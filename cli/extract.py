@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from functools import partial
 
 import click
 from onnx import ModelProto
 
-from onnxcut.cli.options import input_shape_option, model_argument
+from onnxcut.cli.options import input_shape_option, lazy_progress, model_argument
 from onnxcut.cli.plan import selection_options
 
 plan_option = click.option(
@@ -122,21 +121,10 @@ def extract_cmd(
         if plan.compensation:
             raise click.UsageError("--reconstruct refits the biases too: drop --compensate")
         check_model_sha(plan, model)  # the refit model is in memory: check the file's here
-        bars: list = []  # opened at the first refit layer, so an error stays one line
-
-        def progress(done: int, total: int) -> None:
-            if not bars:
-                bar = click.progressbar(length=total, label="reconstruct", file=sys.stderr)
-                bars.append(bar.__enter__())
-            bars[0].update(done - bars[0].pos)
-
-        try:
+        with lazy_progress("reconstruct") as progress:  # counts the refit layers
             source = refit(
                 load(model, shapes), plan, reconstruct, limit=reconstruct_images, progress=progress
             )
-        finally:
-            if bars:
-                bars[0].__exit__(None, None, None)
     cut = extract(source, plan, input_shapes=shapes)
     save(cut, output, source=model)
     echo_sizes(load(model, shapes), cut)

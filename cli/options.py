@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import click
 
 input_shape_option = click.option(
@@ -11,6 +15,25 @@ input_shape_option = click.option(
     metavar="NAME:DIMS",
     help="Fix a dynamic input shape, e.g. input:1x3x256x256 (repeatable).",
 )
+
+
+@contextmanager
+def lazy_progress(label: str, **bar_options) -> Iterator[Callable[..., None]]:
+    """A progress bar on stderr that opens at its first update, so an error found before
+    any work (while loading, checking) stays one line. Yields update(done, total, *item)."""
+    bars: list = []
+
+    def update(done: int, total: int, *item) -> None:
+        if not bars:
+            bar = click.progressbar(length=total, label=label, file=sys.stderr, **bar_options)
+            bars.append(bar.__enter__())
+        bars[0].update(done - bars[0].pos, *item)
+
+    try:
+        yield update
+    finally:
+        if bars:
+            bars[0].__exit__(None, None, None)
 
 
 def model_argument(f):
