@@ -95,22 +95,38 @@ def in_by_out(node, index: GraphIndex) -> np.ndarray | None:
 def _means(model, tensors, images, pre, limit, provider, threads) -> dict[str, np.ndarray]:
     """Per-channel means (axis 1) of `tensors` over the images, in float64."""
     paths = data.list_images(Path(images))[:limit]
-    sess = session(expose_tensors(model, tensors), provider, threads)
-    name = sess.get_inputs()[0].name
-    fixed = sess.get_inputs()[0].shape[0]
-    size = fixed if isinstance(fixed, int) and fixed > 0 else 8  # an export's fixed batch
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for batch in data.batches(paths, pre, size):
-        if len(batch.inputs) < size and isinstance(fixed, int) and fixed > 0:
-            continue  # a short last batch does not fit a fixed batch; the others suffice
-        for t, v in zip(tensors, sess.run(tensors, {name: batch.inputs}), strict=True):
+    purpose = "to measure the removed channels' means on"
+    batches = run_batches(model, tensors, paths, pre, provider, threads, purpose, source=images)
+    for _, values in batches:
+        for t, v in zip(tensors, values, strict=True):
             axes = tuple(i for i in range(v.ndim) if i != 1)
             sums[t] = sums.get(t, 0) + v.astype(np.float64).sum(axis=axes)
             counts[t] = counts.get(t, 0) + v.size // v.shape[1]
-    if not sums:
-        raise DataError(
-            f"{images}: no batch of {size} readable images to measure the removed channels' "
-            "means on; add images"
-        )
     return {t: sums[t] / counts[t] for t in tensors}
+
+
+BATCH = 8  # images per run; a model exported with a fixed batch uses its own
+
+
+def run_batches(model, tensors, paths, pre, provider, threads, purpose: str, source=None):
+    """Yield (index of the batch's first image, [values of `tensors`]) over the images.
+
+    A short last batch is left out where the export fixes the batch size; when no batch
+    could run, a DataError says what the images were for (`purpose`) and where (`source`).
+    """
+    sess = session(expose_tensors(model, tensors), provider, threads)
+    name = sess.get_inputs()[0].name
+    fixed = sess.get_inputs()[0].shape[0]
+    fixed = fixed if isinstance(fixed, int) and fixed > 0 else None
+    size = fixed or BATCH
+    start = 0
+    for batch in data.batches(paths, pre, size):
+        if fixed and len(batch.inputs) < size:
+            continue  # does not fit the fixed batch; the others suffice
+        yield start, sess.run(tensors, {name: batch.inputs})
+        start += len(batch.inputs)
+    if start == 0:
+        where = f"{source}: " if source is not None else ""
+        raise DataError(f"{where}no batch of {size} readable images {purpose}; add images")

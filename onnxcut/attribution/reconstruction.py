@@ -22,17 +22,17 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import ModelProto, helper, numpy_helper
 
 from onnxcut import data
-from onnxcut.attribution.compensation import in_by_out, readers_of
+from onnxcut.attribution.compensation import in_by_out, readers_of, run_batches
 from onnxcut.channels.compensation import inputs_read
 from onnxcut.channels.plan import PlanLike, as_plan
 from onnxcut.channels.surgery import mask
 from onnxcut.errors import DataError
 from onnxcut.grad.nn import conv_pads
-from onnxcut.graph.io import GraphIndex, expose_tensors, load
-from onnxcut.runtime import session
+from onnxcut.graph.io import GraphIndex, load
 
 log = logging.getLogger(__name__)
 
+_PURPOSE = "to reconstruct on"
 SAMPLES = 16384  # output positions per reader the fit uses (a seeded draw)
 RIDGE = 1e-3  # ridge weight, relative to the mean of the normal matrix's diagonal
 
@@ -57,7 +57,10 @@ def reconstruct(
     plan = as_plan(plan)
     if plan.compensation:
         raise DataError("the plan has a compensation section; reconstruction refits biases too")
-    readers = readers_of(proto, mask(proto, plan))
+    # The cut model, masked once: a refit layer has zeros where its removed inputs were, so
+    # its new weights go into the masked copy as they are, as mask would leave them.
+    cut = mask(proto, plan)
+    readers = readers_of(proto, cut)
     pre = preprocess or data.fit_to_model(data.preprocess_from(proto), proto)
     paths = data.list_images(Path(images))[:limit]
     nodes = {n.name: n for n in proto.graph.node}
@@ -67,21 +70,21 @@ def reconstruct(
     draws = {name: _Draw(np.random.default_rng(i), len(paths)) for i, name in enumerate(order)}
     targets: dict[str, list[np.ndarray]] = {name: [] for name in order}
     outputs = [nodes[name].output[0] for name in order]
-    for start, batch in _batches(proto, outputs, paths, pre, provider, threads):
+    for start, batch in run_batches(proto, outputs, paths, pre, provider, threads, _PURPOSE):
         for name, y in zip(order, batch, strict=True):
             n, r, c = draws[name].positions(start, len(y), y.shape[2:])
             targets[name].append(y[n, :, r, c] if y.ndim == 4 else y[n])  # (samples, outputs)
-    # The cut model, masked once: a refit layer has zeros where its removed inputs were, so
-    # its new weights go into the masked copy as they are, as mask would leave them.
-    cut = mask(proto, plan)
     cut_nodes = {n.name: n for n in cut.graph.node}
+    weights = {t.name: t for t in proto.graph.initializer}  # the originals: shapes only
     for i, name in enumerate(order):
         node = nodes[name]
         removed = readers[name][2] if name in readers else np.zeros(0, np.int64)
         # The inputs as the cut model computes them, with the layers before this one refit.
         feats = []
-        kernel = _weight(proto, node).shape[2:]
-        for start, (x,) in _batches(cut, [node.input[0]], paths, pre, provider, threads):
+        kernel = tuple(weights[node.input[1]].dims[2:])
+        for start, (x,) in run_batches(
+            cut, [node.input[0]], paths, pre, provider, threads, _PURPOSE
+        ):
             where = draws[name].positions(start, len(x))
             feats.append(_windows(node, x, removed, kernel, where))
         _refit(proto, node, np.concatenate(feats), np.concatenate(targets.pop(name)), removed)
@@ -131,30 +134,6 @@ class _Draw:
         r = np.concatenate([self.drawn[k][0] for k in images])
         c = np.concatenate([self.drawn[k][1] for k in images])
         return n, r, c
-
-
-_BATCH = 8  # images per run; a model with a fixed batch uses its own
-
-
-def _batches(model, tensors, paths, pre, provider, threads):
-    """Yield (index of the batch's first image, [tensor values]) over the images."""
-    sess = session(expose_tensors(model, tensors), provider, threads)
-    name = sess.get_inputs()[0].name
-    fixed = sess.get_inputs()[0].shape[0]
-    size = fixed if isinstance(fixed, int) and fixed > 0 else _BATCH
-    start = 0
-    for batch in data.batches(paths, pre, size):
-        if len(batch.inputs) < size and isinstance(fixed, int) and fixed > 0:
-            continue  # a short last batch does not fit a fixed batch
-        yield start, sess.run(tensors, {name: batch.inputs})
-        start += len(batch.inputs)
-    if start == 0:
-        raise DataError(f"no batch of {size} readable images to reconstruct on; add images")
-
-
-def _weight(proto: ModelProto, node) -> np.ndarray:
-    found = next(t for t in proto.graph.initializer if t.name == node.input[1])
-    return numpy_helper.to_array(found)
 
 
 def _windows(node, x: np.ndarray, removed, kernel, where) -> np.ndarray:
