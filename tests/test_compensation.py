@@ -117,16 +117,25 @@ def test_bad_compensation_sections():
         onnxcut.extract(model, {**base, "compensation": {"relu1": [1.0]}})
 
 
-def test_cli_plan_and_extract_compensate(tmp_path: Path):
-    images = tmp_path / "images"
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory) -> tuple[Path, Path]:
+    """Twelve val scenes and the sample segmenter's scores over them, made with the CLI."""
+    root = tmp_path_factory.mktemp("scored")
+    images, scores = root / "images", root / "s.npz"
     images.mkdir()
     for path in sorted(SCENES.glob("*.png"))[:12]:
         shutil.copy(path, images / path.name)
-    run = CliRunner().invoke
-    scores, plan, out = tmp_path / "s.npz", tmp_path / "p.json", tmp_path / "c.onnx"
     model = str(sample_model("deeplab_digits"))
     args = ["attribute", model, "--data", str(images), "-o", str(scores), "--tau", "0.7"]
-    assert run(cli, args).exit_code == 0
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    return images, scores
+
+
+def test_cli_plan_and_extract_compensate(scored: tuple[Path, Path], tmp_path: Path):
+    images, scores = scored
+    run = CliRunner().invoke
+    plan, out = tmp_path / "p.json", tmp_path / "c.onnx"
+    model = str(sample_model("deeplab_digits"))
     args = ["plan", str(scores), "--classes", "4,6", "-o", str(plan), "--compensate", str(images)]
     result = run(cli, args)
     assert result.exit_code == 0, result.output
@@ -184,16 +193,11 @@ def test_reconstruction_keeps_the_sample_task(tmp_path: Path):
     )
 
 
-def test_cli_reconstruct(tmp_path: Path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for path in sorted(SCENES.glob("*.png"))[:12]:
-        shutil.copy(path, images / path.name)
+def test_cli_reconstruct(scored: tuple[Path, Path], tmp_path: Path):
+    images, scores = scored
     run = CliRunner().invoke
-    scores, out = tmp_path / "s.npz", tmp_path / "r.onnx"
+    out = tmp_path / "r.onnx"
     model = str(sample_model("deeplab_digits"))
-    args = ["attribute", model, "--data", str(images), "-o", str(scores), "--tau", "0.7"]
-    assert run(cli, args).exit_code == 0
     cut = ["extract", model, "--scores", str(scores), "--classes", "4,6", "-o", str(out)]
     result = run(cli, [*cut, "--reconstruct", str(images)])
     assert result.exit_code == 0 and out.exists(), result.output
