@@ -144,9 +144,11 @@ def test_cli_plan_and_extract_compensate(scored: tuple[Path, Path], tmp_path: Pa
     assert result.exit_code == 0, result.output
     empty = tmp_path / "empty"
     empty.mkdir()
-    args = ["extract", model, "--plan", str(plan), "--compensate", str(empty), "-o", "x.onnx"]
+    refused = tmp_path / "x.onnx"
+    args = ["extract", model, "--plan", str(plan), "--compensate", str(empty), "-o", str(refused)]
     result = run(cli, args)
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert not refused.exists()
 
 
 def test_reconstruction_restores_a_removed_constant_channel(pictures: Path):
