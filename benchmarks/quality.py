@@ -125,9 +125,11 @@ def score_distilled(
     classes: Sequence[int],
     tmp: Path,
     opts: DistillOptions | None = None,
+    start=None,
 ) -> dict:
-    """Extract the plan's sub-network, distill it (one epoch by default), and evaluate it."""
-    sub = extract(setup.model, dict(plan))
+    """Extract the plan's sub-network, distill it (one epoch by default), and evaluate it.
+    `start` is a model of the original's shape (a reconstructed one) to extract instead."""
+    sub = extract(setup.model if start is None else start, dict(plan))
     opts = opts or DistillOptions(threads=setup.threads)
     path = tmp / "distilled.onnx"
     save(distill(sub, setup.model, unlabeled_images(setup), opts), path)
