@@ -483,12 +483,27 @@ PARAM_CASES = [
         name="param-depthwise",
     ),
     p(
+        "Conv",
+        grid(2, 3, 3, 3),
+        "w",
+        params={"w": rand(20, 3, 3, 3)},
+        attrs={"strides": [2, 2], "pads": [1, 1, 1, 1]},
+        name="param-few-positions",  # 4 positions, 20 channels: the batch folded in
+    ),
+    p(
         "ConvTranspose",
         grid(2, 2, 3, 3),
         "w",
         "b",
         params={"w": rand(2, 3, 2, 2), "b": rand(3)},
         attrs={"strides": [2, 2]},
+    ),
+    p(
+        "ConvTranspose",
+        grid(2, 12, 2, 2),
+        "w",
+        params={"w": rand(12, 2, 3, 3)},
+        name="param-few-positions",
     ),
     p(
         "ConvTranspose",

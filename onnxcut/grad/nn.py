@@ -73,7 +73,9 @@ def conv(g: Emitter, s: Site):
     if s.needs[1]:
         pads = begins + ends
         if use_matmul(xs, kernel, group, pads):
-            dw = conv_weight_grad_matmul(g, g.fwd(x), xs, s.g, kernel, strides, dilations, pads)
+            dw = conv_weight_grad_matmul(
+                g, g.fwd(x), xs, s.g, kernel, strides, dilations, pads, ys[1]
+            )
         else:
             dw = conv_weight_grad(g, g.fwd(x), xs, s.g, kernel, strides, dilations, group, pads)
     if s.input(2) and s.needs[2]:
@@ -181,7 +183,9 @@ def conv_transpose(g: Emitter, s: Site):
     if s.needs[1]:  # the adjoint Conv's weight gradient: its input is dy, its output x
         pads, fx = begins + ends, g.fwd(x)
         if use_matmul(dy_shape, kernel, group, pads):
-            dw = conv_weight_grad_matmul(g, dy, dy_shape, fx, kernel, strides, dilations, pads)
+            dw = conv_weight_grad_matmul(
+                g, dy, dy_shape, fx, kernel, strides, dilations, pads, xs[1]
+            )
         else:
             dw = conv_weight_grad(g, dy, dy_shape, fx, kernel, strides, dilations, group, pads)
     if s.input(2) and s.needs[2]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from onnxcut.grad.emitter import Emitter
 
 INT64_MIN = -(2**63)
@@ -62,45 +64,58 @@ def conv_weight_grad_matmul(
     strides: Sequence[int],
     dilations: Sequence[int],
     pads: Sequence[int],
-) -> str | None:
-    """dL/dW of a dense 2-D Conv as one MatMul over an im2col of the input, or None where
-    that does not apply (see `use_matmul`).
+    out_channels: int,
+) -> str:
+    """dL/dW of a dense 2-D Conv as one batched MatMul over an im2col of the input (where
+    `use_matmul` says it applies).
 
-    The input goes channel-last, each kernel tap is one strided Slice of it, the taps are
-    concatenated on the channel axis: (N*Ho*Wo, taps*C), the output gradient is viewed
-    (M, N*Ho*Wo), and dW = dy @ patches, (M, taps*C) -> (M, C, kh, kw). onnxruntime runs
-    the grouped correlation of `conv_weight_grad` as one thin GEMM per input channel; this
-    runs one wide GEMM instead.
+    The im2col is one grouped Conv whose kernels are one-hot, each input channel giving one
+    output channel per kernel tap, with the Conv's own strides, dilations and pads:
+    (N, C*taps, Ho*Wo). With the output gradient viewed (N, Ho*Wo, M), the per-image
+    products summed over the batch are dW as (C*taps, M). onnxruntime runs the grouped
+    correlation of `conv_weight_grad` as one thin GEMM per input channel, and an im2col of
+    strided Slices and a Concat spends more time copying than the GEMM does; this is one
+    cheap Conv and one wide GEMM.
     """
-    h, w = inp_shape[2:]
-    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
-    top, left, bottom, right = pads
-    out_h = (h + top + bottom - (kh - 1) * dh - 1) // sh + 1
-    out_w = (w + left + right - (kw - 1) * dw - 1) // sw + 1
-    channels = inp_shape[1]
-    nhwc = g.op("Transpose", [inp], perm=[0, 2, 3, 1])
-    padded = g.op("Pad", [nhwc, g.ints([0, top, left, 0, 0, bottom, right, 0])])
-    taps = [
-        g.op(
-            "Slice",
-            [
-                padded,
-                g.ints([a * dh, b * dw]),
-                g.ints([a * dh + (out_h - 1) * sh + 1, b * dw + (out_w - 1) * sw + 1]),
-                g.ints([1, 2]),
-                g.ints([sh, sw]),
-            ],
-        )
-        for a in range(kh)
-        for b in range(kw)
-    ]
-    patches = g.op("Concat", taps, axis=3) if len(taps) > 1 else taps[0]
-    patches = g.op("Reshape", [patches, g.ints([-1, kh * kw * channels])])
-    grads = g.op("Transpose", [dy], perm=[1, 0, 2, 3])
-    grads = g.op("Reshape", [grads, g.ints([0, -1])])
-    product = g.op("MatMul", [grads, patches])  # (M, taps * C), tap-major
-    product = g.op("Reshape", [product, g.ints([0, kh, kw, channels])])
-    return g.op("Transpose", [product], perm=[0, 3, 1, 2])
+    (kh, kw), channels = kernel, inp_shape[1]
+    taps = kh * kw
+    one_hot = np.tile(np.eye(taps).reshape(taps, 1, kh, kw), (channels, 1, 1, 1))
+    cols = g.op(
+        "Conv",
+        [inp, g.array(one_hot, inp)],
+        group=channels,
+        kernel_shape=[kh, kw],
+        strides=list(strides),
+        dilations=list(dilations),
+        pads=list(pads),
+    )
+    cols = g.op("Reshape", [cols, g.ints([0, channels * taps, -1])])
+    rows = g.op("Reshape", [dy, g.ints([0, 0, -1])])
+    rows = g.op("Transpose", [rows], perm=[0, 2, 1])  # (N, Ho*Wo, M)
+    if positions(inp_shape, kernel, strides, dilations, pads) >= out_channels:
+        product = g.reduce_sum(g.op("MatMul", [cols, rows]), [0], keepdims=False)
+    else:  # the per-image products would outweigh the im2col: fold the batch in instead
+        cols = g.op("Transpose", [cols], perm=[1, 0, 2])
+        cols = g.op("Reshape", [cols, g.ints([channels * taps, -1])])
+        rows = g.op("Reshape", [rows, g.ints([-1, out_channels])])
+        product = g.op("MatMul", [cols, rows])
+    product = g.op("Transpose", [product], perm=[1, 0])  # (M, C * taps), channel-major
+    return g.op("Reshape", [product, g.ints([0, channels, kh, kw])])
+
+
+def positions(
+    inp_shape: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    pads: Sequence[int],
+) -> int:
+    """Output positions per image of a 2-D Conv with static spatial sizes."""
+    sizes = []
+    for i, (k, s, d) in enumerate(zip(kernel, strides, dilations, strict=True)):
+        total = inp_shape[2 + i] + pads[i] + pads[i + 2]
+        sizes.append((total - (k - 1) * d - 1) // s + 1)
+    return sizes[0] * sizes[1]
 
 
 def use_matmul(inp_shape: Sequence[int], kernel: Sequence[int], group: int, pads) -> bool:
