@@ -31,10 +31,10 @@ SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val"
 SEG = "deeplab_digits"
 
 
-def seg_net() -> onnx.ModelProto:
+def seg_net(opset: int = 17) -> onnx.ModelProto:
     """conv-bn-prelu, a spelled hard-swish, a stride-2 conv, a folded-BN Mul/Add, upsample,
     3-category head: the weight kinds of PyTorch and Paddle exports."""
-    b = NetBuilder((1, 3, 8, 8), seed=4)
+    b = NetBuilder((1, 3, 8, 8), seed=4, opset=opset)
     x = b.prelu(b.bn(b.conv(b.input, 4)))
     x = b.hardswish_spelled(b.conv(x, 6, stride=2))
     x = b.channel_const("Add", b.channel_const("Mul", x))
@@ -400,3 +400,51 @@ def test_padding_rows_of_a_short_batch_change_nothing():
     two = sess.run(names, {**base, graph.data: other, TARGET: changed})
     for a, b in zip(one, two, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_loss_is_the_tempered_kl_to_the_target(opset: int):
+    """The graph's loss against numpy: T^2/n sum_rows w p (log p - log softmax(z/T)), the
+    softmax spelled for opsets where reductions take axes as attributes and as inputs."""
+    model = load(seg_net(opset))
+    params = trainable(model)
+    out = model.graph.output[0].name
+    graph = build(model, out, 1, params, temperature=2.0, batch=2)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    target = _softmax(rng.standard_normal((2, 3, 8, 8)).astype(np.float32) * 2)
+    rows = np.array([1.0, 0.5], np.float32)
+    scale = 2.0 / (2 * 8 * 8)
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    feeds = {
+        graph.data: x,
+        TARGET: target,
+        SCALE: np.array(scale, np.float32),
+        WEIGHTS: rows,
+        LR: np.array(1e-3, np.float32),
+        CORRECTION: np.array(1.0, np.float32),
+        **{p: values[p] for p in params},
+        **{s: np.zeros_like(values[s.split("/", 2)[2]]) for s in graph.states},
+    }
+    loss = float(session(graph.model).run([LOSS], feeds)[0])
+    forward = session(model)
+    z = np.concatenate([forward.run(None, {graph.data: x[i : i + 1]})[0] for i in range(2)])
+    z = z.astype(np.float64) / 2.0
+    log_q = z - z.max(1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(1, keepdims=True))
+    kl = (target * (np.log(target) - log_q)).sum(axis=(1, 2, 3))
+    assert loss == pytest.approx(scale * 2.0 * float((kl * rows).sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_teacher_target_is_the_tempered_softmax_over_the_kept_categories(opset: int):
+    from onnxcut.train.teacher import Teacher
+
+    model = load(seg_net(opset))
+    teacher = Teacher(model, [0, 2], "softmax", 2.0, weight=0.5)
+    x = np.random.default_rng(2).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    feeds = teacher.feeds(x, real=2)
+    forward = session(model)
+    z = np.concatenate([forward.run(None, {teacher.input: x[i : i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(feeds[TARGET], _softmax(z[:, [0, 2]] / 2.0), rtol=1e-5, atol=1e-6)
+    assert feeds[SCALE] == pytest.approx(2.0 * 0.5 / (2 * 8 * 8))

@@ -8,13 +8,17 @@ import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 PREFIX = "train/"
+# Reductions take their axes as an input from these opsets on (an attribute before).
+AXES_INPUT_SINCE = {"ReduceSum": 13}
+AXES_INPUT_DEFAULT = 18
 
 
 class Builder:
     """Append nodes and constants under `train/<scope>/`, with unique names."""
 
-    def __init__(self, scope: str, dtype: type = np.float32):
+    def __init__(self, scope: str, dtype: type = np.float32, opset: int = 13):
         self.scope = scope
+        self.opset = opset
         self.nodes: list[NodeProto] = []
         self.inits: list[TensorProto] = []
         self.dtype = dtype
@@ -40,3 +44,9 @@ class Builder:
         name = self.name("ints")
         self.inits.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
         return name
+
+    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: int = 1) -> str:
+        """A reduction over `axes`, spelled for the graph's opset."""
+        if self.opset >= AXES_INPUT_SINCE.get(op_type, AXES_INPUT_DEFAULT):
+            return self.op(op_type, [x, self.ints(axes)], keepdims=keepdims)
+        return self.op(op_type, [x], axes=list(axes), keepdims=keepdims)

@@ -15,7 +15,7 @@ from onnx import ModelProto, TensorProto, helper
 
 from onnxcut.errors import ModelError, UnsupportedOpError
 from onnxcut.grad.backward import backward, prepare
-from onnxcut.graph.io import GraphIndex
+from onnxcut.graph.io import GraphIndex, opset_version
 from onnxcut.graph.shapes import graph_inputs, infer_shapes
 from onnxcut.train.builder import PREFIX, Builder
 from onnxcut.train.losses import LABEL_SCALE, LABELS, LOSSES, SCALE, TARGET, with_labels
@@ -95,7 +95,7 @@ def build(
     scalars = [LR, *([CORRECTION] if optimizer.name == "adam" else [])]
     fed += [helper.make_tensor_value_info(s, elem, []) for s in scalars]
     model.graph.input.extend(fed)
-    b = Builder("loss")
+    b = Builder("loss", opset=opset_version(model))
     rows = b.op("Reshape", [WEIGHTS, b.ints([batch, *[1] * (len(logit_dims) - 1)])])
     terms = LOSSES[kind](b, logits, axis, temperature, rows)
     if labels:

@@ -3,19 +3,24 @@ categories, tempered and normalised in its own onnxruntime session."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
-from onnx import ModelProto, helper, numpy_helper
+from onnx import ModelProto, numpy_helper
 
 from onnxcut.attribution.probe import find_head
+from onnxcut.graph.io import opset_version
 from onnxcut.graph.shapes import graph_inputs, infer_shapes
 from onnxcut.runtime import session
+from onnxcut.train.builder import Builder
 from onnxcut.train.graph import BATCH, keep_outputs, set_batch
-from onnxcut.train.losses import SCALE, TARGET
+from onnxcut.train.losses import SCALE, TARGET, softmax_pair
 
-# loss kind -> the normalisation the student's loss compares against
-NORMALISE = {"softmax": "Softmax", "sigmoid": "Sigmoid"}
+# loss kind -> the normalisation the student's loss compares against: (builder, x, axis)
+NORMALISE: dict[str, Callable[[Builder, str, int], str]] = {
+    "softmax": lambda b, x, axis: softmax_pair(b, x, axis)[0],
+    "sigmoid": lambda b, x, axis: b.op("Sigmoid", [x]),
+}
 
 
 class Teacher:
@@ -40,16 +45,12 @@ class Teacher:
         index = numpy_helper.from_array(np.asarray(positions, np.int64), "train/teacher_index")
         temp = numpy_helper.from_array(np.asarray(temperature, np.float32), "train/teacher_t")
         m.graph.initializer.extend([index, temp])
-        attrs = {"axis": head.axis} if kind == "softmax" else {}
-        m.graph.node.extend(
-            [
-                helper.make_node(
-                    "Gather", [head.score, index.name], ["train/kept"], axis=head.axis
-                ),
-                helper.make_node("Div", ["train/kept", temp.name], ["train/tempered"]),
-                helper.make_node(NORMALISE[kind], ["train/tempered"], [TARGET], **attrs),
-            ]
-        )
+        b = Builder("teacher", opset=opset_version(m))
+        kept = b.op("Gather", [head.score, index.name], axis=head.axis)
+        tempered = b.op("Div", [kept, temp.name])
+        b.op("Identity", [NORMALISE[kind](b, tempered, head.axis)], TARGET)
+        m.graph.node.extend(b.nodes)
+        m.graph.initializer.extend(b.inits)
         keep_outputs(m, [TARGET])
         self.axis = head.axis
         self.factor = temperature * weight
