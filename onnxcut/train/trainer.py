@@ -20,13 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnx import ModelProto
 
 from onnxcut.errors import OutputError, TrainError
 from onnxcut.runtime import onnxruntime, session
 from onnxcut.train.graph import LOSS, TrainGraph, updated
+from onnxcut.train.nchwc import blocked
 from onnxcut.train.optimizers import Optimizer
 
 _DEVICES = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
+
+
+def _copy(model: ModelProto) -> ModelProto:
+    out = ModelProto()
+    out.CopyFrom(model)
+    return out
 
 
 class Trainer:
@@ -45,9 +53,10 @@ class Trainer:
         self.optimizer = optimizer
         self.step_count = 0
         # TensorRT cannot build engines for a backward graph; its CUDA fallback runs it.
-        self._session = session(
-            graph.model, "cuda" if provider == "tensorrt" else provider, threads
-        )
+        model = graph.model
+        if provider == "cpu":
+            model = blocked(_copy(model))
+        self._session = session(model, "cuda" if provider == "tensorrt" else provider, threads)
         self._ort = onnxruntime()
         self._device = _DEVICES[provider]
         self._binding = self._session.io_binding()
