@@ -119,3 +119,22 @@ def test_training_step_blocked_equals_plain(monkeypatch):
     got = session(rewritten).run(names, feeds)
     for name, a, b_ in zip(names, got, want, strict=True):
         np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_convs_reading_one_tensor_share_its_blocked_copy(monkeypatch):
+    monkeypatch.setattr(nchwc, "MIN_POSITIONS", 1)
+    b = NetBuilder((1, 16, 8, 8), seed=5)
+    branches = [b.conv(b.input, 16, k=k, dilation=d) for k, d in ((1, 1), (3, 1), (3, 2))]
+    model = b.build([b.concat(branches)])
+    for init in list(model.graph.initializer):  # trained weights: graph inputs
+        model.graph.input.append(
+            helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+        )
+    feeds = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    del model.graph.initializer[:]
+    feeds["input"] = np.random.default_rng(0).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    want = session(model).run(None, feeds)[0]
+    rewritten = nchwc.blocked(model)
+    ops = [n.op_type for n in rewritten.graph.node if n.domain == nchwc.DOMAIN]
+    assert ops.count("ReorderInput") == 1 and ops.count("Conv") == 3
+    np.testing.assert_allclose(session(rewritten).run(None, feeds)[0], want, rtol=1e-5, atol=1e-4)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,26 +75,42 @@ def blocked(model: ModelProto, size: int | None = None) -> ModelProto:
     size = size or block()
     if size is None:
         return model
-    index = GraphIndex(infer_shapes(model))  # the training graph keeps no value_info
+    ctx = _Context(Builder("nchwc"), GraphIndex(infer_shapes(model)), size)
     out: list[NodeProto] = []
-    b = Builder("nchwc")
     changed = False
     for node in model.graph.node:
         rule = _RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if rule is None or not rule(b, node, index, size):
+        if rule is None or not rule(ctx, node):
             out.append(node)
             continue
-        out.extend(b.nodes)
-        b.nodes.clear()
+        out.extend(ctx.b.nodes)
+        ctx.b.nodes.clear()
         changed = True
     if not changed:
         return model
     del model.graph.node[:]
     model.graph.node.extend(out)
-    model.graph.initializer.extend(b.inits)
+    model.graph.initializer.extend(ctx.b.inits)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return model
+
+
+@dataclass
+class _Context:
+    b: Builder
+    index: GraphIndex  # the graph before the rewrite, shapes inferred
+    size: int  # the channel block
+    reordered: dict[str, str] = field(default_factory=dict)  # tensor -> its blocked copy
+
+    def blocked_input(self, x: str) -> str:
+        """One ReorderInput per tensor, however many rewritten Convs read it (the ASPP
+        branches of DeepLab read one)."""
+        if x not in self.reordered:
+            xb = self.b.name("ReorderInput")
+            self.b.nodes.append(helper.make_node("ReorderInput", [x], [xb], domain=DOMAIN, name=xb))
+            self.reordered[x] = xb
+        return self.reordered[x]
 
 
 def _attrs(node: NodeProto) -> dict:
@@ -121,23 +138,25 @@ def _dense_2d(index: GraphIndex, node: NodeProto, attrs: dict) -> list[int] | No
     return list(shape)
 
 
-def _conv(b: Builder, node: NodeProto, index: GraphIndex, size: int) -> bool:
+def _conv(ctx: _Context, node: NodeProto) -> bool:
+    b, size = ctx.b, ctx.size
     attrs = _attrs(node)
-    shape = _dense_2d(index, node, attrs)
+    shape = _dense_2d(ctx.index, node, attrs)
     if shape is None or not _blockable(shape[1], size):
         return False
     weight = _reorder(b, node.input[1], shape, size)
     bias = _pad_bias(b, node, shape[0], size)
     kept = {k: attrs[k] for k in ("pads", "strides", "dilations") if k in attrs}
-    _emit(b, node, weight, bias, shape, kept)
+    _emit(ctx, node, weight, bias, shape, kept)
     return True
 
 
-def _conv_transpose(b: Builder, node: NodeProto, index: GraphIndex, size: int) -> bool:
+def _conv_transpose(ctx: _Context, node: NodeProto) -> bool:
     """ConvTranspose(dy, W) at stride 1 = Conv(dy, W flipped, channels swapped), pads
     (k - 1) d - p on each side."""
+    b, size = ctx.b, ctx.size
     attrs = _attrs(node)
-    shape = _dense_2d(index, node, attrs)
+    shape = _dense_2d(ctx.index, node, attrs)
     if shape is None or any(s != 1 for s in attrs.get("strides", [1, 1])):
         return False
     if any(attrs.get("output_padding", [0, 0])) or "output_shape" in attrs:
@@ -155,7 +174,7 @@ def _conv_transpose(b: Builder, node: NodeProto, index: GraphIndex, size: int) -
     conv_shape = [c, m, kh, kw]
     weight = _reorder(b, flipped, conv_shape, size)
     bias = _pad_bias(b, node, c, size)
-    _emit(b, node, weight, bias, conv_shape, {"pads": conv_pads, "dilations": dilations})
+    _emit(ctx, node, weight, bias, conv_shape, {"pads": conv_pads, "dilations": dilations})
     return True
 
 
@@ -189,10 +208,10 @@ def _pad_bias(b: Builder, node: NodeProto, m: int, size: int) -> str | None:
     return bias if mp == m else b.op("Pad", [bias, b.ints([0, mp - m])])
 
 
-def _emit(b: Builder, node: NodeProto, weight: str, bias: str | None, shape, attrs) -> None:
-    """ReorderInput, the blocked Conv, ReorderOutput to the node's own output name."""
-    xb = b.name("ReorderInput")
-    b.nodes.append(helper.make_node("ReorderInput", [node.input[0]], [xb], domain=DOMAIN, name=xb))
+def _emit(ctx: _Context, node: NodeProto, weight: str, bias: str | None, shape, attrs) -> None:
+    """The blocked Conv of the input's blocked copy, reordered back to the node's output."""
+    b = ctx.b
+    xb = ctx.blocked_input(node.input[0])
     yb = b.name("Conv")
     inputs = [xb, weight, *([bias] if bias else [])]
     kernel = {"kernel_shape": shape[2:]}
