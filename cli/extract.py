@@ -105,7 +105,13 @@ def extract_cmd(
         raise click.UsageError("--scores needs --classes, e.g. --classes 4,8")
     shapes = parse_input_shapes(input_shapes)
     if scores is not None:
-        built = build_plan(model, scores, reconstruct=reconstruct, **selection)
+        built = build_plan(
+            model,
+            scores,
+            reconstruct=reconstruct,
+            reconstruct_images=reconstruct_images,
+            **selection,
+        )
         plan = parse_plan(built, scores)
     else:
         plan = load_plan(plan_path)
@@ -117,13 +123,23 @@ def extract_cmd(
     if reconstruct is not None:
         from onnxcut.attribution.reconstruction import reconstruct as refit
         from onnxcut.channels.plan import check_model_sha
+        from onnxcut.data import list_images
 
         if plan.compensation:
             raise click.UsageError("--reconstruct refits the biases too: drop --compensate")
         check_model_sha(plan, model)  # the refit model is in memory: check the file's here
+        # The images the plan's agreement was measured on stay out of the refit, as they
+        # did for the candidates the guard measured.
+        held_out = selection.get("agreement_data") if scores is not None else None
+        exclude = {p.resolve() for p in list_images(held_out)} if held_out else set()
         with lazy_progress("reconstruct") as progress:  # counts the refit layers
             source = refit(
-                load(model, shapes), plan, reconstruct, limit=reconstruct_images, progress=progress
+                load(model, shapes),
+                plan,
+                reconstruct,
+                limit=reconstruct_images,
+                progress=progress,
+                exclude=exclude,
             )
     cut = extract(source, plan, input_shapes=shapes)
     save(cut, output, source=model)

@@ -113,6 +113,7 @@ def build_plan(
     allow_full: bool = False,
     compensate: str | None = None,
     reconstruct: str | None = None,
+    reconstruct_images: int = 64,
     **selection,
 ) -> dict:
     """Make the plan for the selection options of `plan` and `extract --scores`.
@@ -144,7 +145,8 @@ def build_plan(
             raise DataError(f"--background '{background}': an index or none") from None
     sel = Selection(parse_classes(classes, scores.categories), background=bg, **selection)
     proto = load(model)
-    plan = _select(proto, scores, sel, min_agreement, agreement_data, allow_full, reconstruct)
+    refit_on = (reconstruct, reconstruct_images) if reconstruct is not None else None
+    plan = _select(proto, scores, sel, min_agreement, agreement_data, allow_full, refit_on)
     if compensate is None:
         return plan
     from onnxcut import data
@@ -156,9 +158,10 @@ def build_plan(
     return measure(proto, plan, compensate, preprocess=pre).to_dict()
 
 
-def _select(proto, scores, sel, min_agreement, agreement_data, allow_full, reconstruct) -> dict:
+def _select(proto, scores, sel, min_agreement, agreement_data, allow_full, refit_on) -> dict:
     """The plan for a selection: thresholds, a budget, or the agreement guard (which measures
-    the reconstructed sub-network when `reconstruct` names images to refit on)."""
+    the reconstructed sub-network when `refit_on` names images to refit on, and how many;
+    the images of --data are left out of the refit, or the guard would measure the fit)."""
     from onnxcut.attribution.selection import make_plan
     from onnxcut.errors import DataError
 
@@ -183,12 +186,16 @@ def _select(proto, scores, sel, min_agreement, agreement_data, allow_full, recon
     if min_agreement is None:
         return make_plan(proto, scores, sel, check=check)
     cut = None
-    if reconstruct is not None:
+    if refit_on is not None:
         from onnxcut.attribution.reconstruction import reconstruct as refit
         from onnxcut.channels.surgery import extract
 
         def cut(model, plan):
-            return extract(refit(model, plan, reconstruct, preprocess=pre), plan)
+            folder, limit = refit_on
+            refit_model = refit(
+                model, plan, folder, preprocess=pre, limit=limit, exclude=check.paths
+            )
+            return extract(refit_model, plan)
 
     plan = agreement.guarded_plan(
         proto,
@@ -199,7 +206,7 @@ def _select(proto, scores, sel, min_agreement, agreement_data, allow_full, recon
         allow_full=allow_full,
         cut=cut,
     )
-    if reconstruct is not None:  # the agreement holds for the refit sub-network only
+    if refit_on is not None:  # the agreement holds for the refit sub-network only
         plan["selection"]["reconstructed"] = True
     return plan
 

@@ -236,6 +236,52 @@ def test_the_agreement_guard_measures_the_sub_network_cut_gives_it(tmp_path: Pat
     assert len(made) > 1 and plan["selection"]["agreement"] >= 0.5
 
 
+def test_reconstruction_leaves_out_the_images_an_agreement_is_measured_on(
+    pictures: Path, tmp_path_factory
+):
+    """`exclude` drops images from the refit: refitting a folder minus two of its images is
+    refitting a folder of the other three; excluding all of them is a one-line error."""
+    from onnxcut.attribution.reconstruction import reconstruct
+    from onnxcut.errors import DataError
+
+    model = _constant_channel_net()
+    plan = {"format": "onnxcut.plan/1", "keep": {"conv1": [0, 1, 3]}}
+    paths = onnxcut.data.list_images(pictures)
+    rest = tmp_path_factory.mktemp("rest")  # outside `pictures`, which is listed recursively
+    for path in paths[2:]:
+        shutil.copy(path, rest / path.name)
+    left_out = reconstruct(model, plan, pictures, exclude={p.resolve() for p in paths[:2]})
+    want = reconstruct(model, plan, rest)
+    whole = reconstruct(model, plan, pictures)
+    values = [{t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+              for m in (left_out, want, whole)]  # fmt: skip
+    assert all(np.array_equal(values[0][k], values[1][k]) for k in values[1])
+    assert not all(np.array_equal(values[0][k], values[2][k]) for k in values[2])
+    with pytest.raises(DataError, match="every image there is one the agreement"):
+        reconstruct(model, plan, pictures, exclude={p.resolve() for p in paths})
+
+
+def test_cli_guard_never_refits_on_its_own_images(scored: tuple[Path, Path], tmp_path: Path):
+    """`extract --min-agreement --data D --reconstruct D`: the refit would fit the very
+    images the agreement is measured on, so the guard would measure the fit; with no other
+    image in D it stops with one line and writes nothing. A --reconstruct folder holding D's
+    images and others refits on the others."""
+    images, scores = scored
+    out = tmp_path / "g.onnx"
+    model = str(sample_model("deeplab_digits"))
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    for path in sorted(images.glob("*.png"))[:4]:
+        shutil.copy(path, held_out / path.name)
+    guard = ["extract", model, "--scores", str(scores), "--classes", "4,6", "-o", str(out),
+             "--min-agreement", "0.5", "--data", str(held_out)]  # fmt: skip
+    result = CliRunner().invoke(cli, [*guard, "--reconstruct", str(held_out)])
+    assert result.exit_code == 2 and "every image there is one the agreement" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    result = CliRunner().invoke(cli, [*guard, "--reconstruct", str(images)])
+    assert result.exit_code == 0 and out.exists(), result.output
+
+
 def test_reconstruction_resolves_auto_pad(pictures: Path):
     """TFLite exports write SAME padding as auto_pad: the refit windows follow it."""
     from onnxcut.attribution.reconstruction import reconstruct

@@ -68,7 +68,9 @@ class AgreementCheck:
         if absent:
             raise DataError(f"the original does not output categories {absent}")
         chosen = np.array([int(np.flatnonzero(names == c)[0]) for c in self.categories])
-        for batch in data.batches(data.list_images(images)[:limit], pre, 1):
+        paths = data.list_images(images)[:limit]
+        self.paths = frozenset(p.resolve() for p in paths)  # a refit must not see these
+        for batch in data.batches(paths, pre, 1):
             (out,) = sess.run([head.output], {name: batch.inputs})
             self.inputs.append(batch.inputs)
             if customised:  # the original's prediction on the customised task

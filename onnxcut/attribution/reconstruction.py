@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +47,11 @@ def reconstruct(
     provider: str = "cpu",
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    exclude: Collection[Path] = (),
 ) -> ModelProto:
-    """The model with every reader of a removed channel refit on `images` (up to `limit`).
+    """The model with every reader of a removed channel refit on `images` (up to `limit`),
+    leaving out the (resolved) paths in `exclude`: the images an agreement is measured on,
+    which a refit would otherwise fit (a classifier's last layer exactly, on 64 images).
 
     Memory holds the sampled positions only (SAMPLES per reader), never a whole feature map
     over all images.
@@ -62,7 +65,12 @@ def reconstruct(
     cut = mask(proto, plan)
     readers = readers_of(proto, cut)
     pre = preprocess or data.fit_to_model(data.preprocess_from(proto), proto)
-    paths = data.list_images(Path(images))[:limit]
+    paths = [p for p in data.list_images(Path(images)) if p.resolve() not in exclude][:limit]
+    if not paths:
+        raise DataError(
+            f"{images}: every image there is one the agreement is measured on (--data); "
+            "give --reconstruct a folder with other images"
+        )
     nodes = {n.name: n for n in proto.graph.node}
     order = _refittable(proto, readers)
     if not order:
