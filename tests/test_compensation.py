@@ -168,6 +168,60 @@ def test_reconstruction_restores_a_removed_constant_channel(pictures: Path):
     np.testing.assert_allclose(got, _run(onnxcut.mask(refit, plan), x), atol=1e-5)
 
 
+def _pooled_head_net(pool: str) -> onnx.ModelProto:
+    """1x1 Conv (6 channels, channel 5 a copy of channel 0) -> Relu -> a global average
+    pool (GlobalAveragePool, or ReduceMean over H and W) -> flatten -> Gemm (4 classes)."""
+    rng = np.random.default_rng(2)
+    w1 = rng.standard_normal((6, 3, 1, 1)).astype(np.float32)
+    b1 = rng.standard_normal(6).astype(np.float32)
+    w1[5], b1[5] = w1[0], b1[0]
+    w2 = rng.standard_normal((4, 6)).astype(np.float32)
+    b2 = rng.standard_normal(4).astype(np.float32)
+    values = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "axes": np.array([2, 3], np.int64)}
+    pooling = {
+        "gap": helper.make_node("GlobalAveragePool", ["r1"], ["p"], name="pool"),
+        "mean": helper.make_node("ReduceMean", ["r1", "axes"], ["p"], name="pool"),
+    }[pool]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        pooling,
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(v, k) for k, v in values.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("pool", ["gap", "mean"])
+def test_a_gemm_after_a_global_pool_is_fit_per_position(pictures: Path, tmp_path_factory, pool):
+    """Two images give a pooled Gemm two samples for six unknowns per class; fit per
+    position of the pooled map (64 an image) it recovers the copy of a removed channel and
+    holds on an image it never saw."""
+    from onnxcut.attribution.reconstruction import reconstruct
+
+    model = _pooled_head_net(pool)
+    paths = onnxcut.data.list_images(pictures)
+    fit_on = tmp_path_factory.mktemp("fit_on")
+    for path in paths[:2]:
+        shutil.copy(path, fit_on / path.name)
+    plan = {"format": "onnxcut.plan/1", "keep": {"conv1": [0, 1, 2, 3, 4]}}
+    refit = reconstruct(model, plan, fit_on)
+    pre = onnxcut.data.fit_to_model(onnxcut.data.preprocess_from(model), model)
+    x = next(onnxcut.data.batches(paths[4:5], pre, 1)).inputs  # not fit on
+    want = _run(model, x)
+    got = _run(onnxcut.extract(refit, plan), x)
+    assert np.abs(got - want).max() < 0.01 * np.abs(want).max(), (got, want)
+
+
 def test_reconstruction_keeps_the_sample_task(tmp_path: Path):
     """deeplab_digits cut for two digits: the refit sub-network scores higher, and extract
     of the refit model still equals its mask."""

@@ -77,11 +77,22 @@ def reconstruct(
         return proto
     draws = {name: _Draw(np.random.default_rng(i), len(paths)) for i, name in enumerate(order)}
     targets: dict[str, list[np.ndarray]] = {name: [] for name in order}
-    outputs = [nodes[name].output[0] for name in order]
+    # A Gemm after a global average pool with more inputs than there are images is fit per
+    # position of the pooled map (see `_pooled_map`); every other layer on its own output.
+    pooled = {
+        name: _pooled_map(proto, nodes[name])
+        if _features(proto, nodes[name], readers) >= len(paths)
+        else None
+        for name in order
+    }
+    outputs = [pooled[name] or nodes[name].output[0] for name in order]
     for start, batch in run_batches(proto, outputs, paths, pre, provider, threads, _PURPOSE):
         for name, y in zip(order, batch, strict=True):
             n, r, c = draws[name].positions(start, len(y), y.shape[2:])
-            targets[name].append(y[n, :, r, c] if y.ndim == 4 else y[n])  # (samples, outputs)
+            sampled = y[n, :, r, c] if y.ndim == 4 else y[n]  # (samples, channels)
+            if pooled[name]:
+                sampled = _gemm(proto, nodes[name], sampled)
+            targets[name].append(sampled)  # (samples, outputs)
     cut_nodes = {n.name: n for n in cut.graph.node}
     weights = {t.name: t for t in proto.graph.initializer}  # the originals: shapes only
     for i, name in enumerate(order):
@@ -90,9 +101,8 @@ def reconstruct(
         # The inputs as the cut model computes them, with the layers before this one refit.
         feats = []
         kernel = tuple(weights[node.input[1]].dims[2:])
-        for start, (x,) in run_batches(
-            cut, [node.input[0]], paths, pre, provider, threads, _PURPOSE
-        ):
+        tap = pooled[name] or node.input[0]
+        for start, (x,) in run_batches(cut, [tap], paths, pre, provider, threads, _PURPOSE):
             where = draws[name].positions(start, len(x))
             feats.append(_windows(node, x, removed, kernel, where))
         _refit(proto, node, np.concatenate(feats), np.concatenate(targets.pop(name)), removed)
@@ -149,8 +159,8 @@ def _windows(node, x: np.ndarray, removed, kernel, where) -> np.ndarray:
     Conv, or the kept input features of a Gemm."""
     n, r, c = where
     kept = np.setdiff1d(np.arange(x.shape[1]), removed)
-    if node.op_type != "Conv":
-        return x[n][:, kept].astype(np.float64)
+    if node.op_type != "Conv":  # a Gemm's features, or the pooled map's at its positions
+        return (x[n, :, r, c] if x.ndim == 4 else x[n])[:, kept].astype(np.float64)
     a = {v.name: helper.get_attribute_value(v) for v in node.attribute}
     if x.ndim != 4:
         raise DataError(f"reconstruction refits 2-D Convs; '{node.name}' is not one")
@@ -163,6 +173,63 @@ def _windows(node, x: np.ndarray, removed, kernel, where) -> np.ndarray:
         :, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]
     ]
     return windows[n, :, r, c].reshape(len(n), -1).astype(np.float64)
+
+
+# Ops between a global average pool and the Gemm that only drop its 1x1 spatial axes.
+_FLATTENING = ("Flatten", "Reshape", "Squeeze")
+
+
+def _pooled_map(proto: ModelProto, node) -> str | None:
+    """The 4-D map a Gemm reads through GlobalAveragePool (or ReduceMean over both spatial
+    axes) and a flatten, or None.
+
+    Gemm(mean_p f_p) = mean_p Gemm(f_p), both linear: fitting the Gemm per position of that
+    map, to the original Gemm of the original map's positions, gives height x width samples
+    an image instead of one. (A ResNet-50 head has 2,048 inputs: 64 images would fit it
+    exactly and generalise poorly.) It fits the positions rather than their mean, a
+    stricter aim: with more images than inputs the pooled fit generalised better on the
+    sample classifier (resnet_digits_cls at a quarter of the FLOPs, 5 digits, 64 images:
+    top-1 kept 0.792 pooled, 0.732 per position; with 4 images 0.342 and 0.423).
+    """
+    if node.op_type != "Gemm" or any(a.name == "transA" and a.i for a in node.attribute):
+        return None
+    index = GraphIndex(proto)
+    producer = index.producer.get(node.input[0])
+    while producer is not None and producer.op_type in _FLATTENING:
+        producer = index.producer.get(producer.input[0])
+    if producer is None:
+        return None
+    source = producer.input[0]
+    shape = index.shape(source)
+    if shape is None or len(shape) != 4:
+        return None
+    if producer.op_type == "GlobalAveragePool":
+        return source
+    if producer.op_type == "ReduceMean":
+        axes = index.const(producer.input[1]) if len(producer.input) > 1 else None
+        if axes is None:
+            axes = next((a.ints for a in producer.attribute if a.name == "axes"), None)
+        if axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3]:
+            return source
+    return None
+
+
+def _features(proto: ModelProto, node, readers: dict) -> int:
+    """The inputs a layer keeps: the unknowns per output of its refit, bias aside."""
+    weight = next(t for t in proto.graph.initializer if t.name == node.input[1])
+    removed = readers[node.name][2] if node.name in readers else ()
+    return _inputs(node, numpy_helper.to_array(weight)) - len(removed)
+
+
+def _gemm(proto: ModelProto, node, x: np.ndarray) -> np.ndarray:
+    """The Gemm's output for rows `x` (samples, inputs), computed here: alpha x B' + beta C."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    a = {v.name: helper.get_attribute_value(v) for v in node.attribute}
+    b = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    y = float(a.get("alpha", 1.0)) * (x.astype(np.float64) @ (b.T if a.get("transB") else b))
+    if len(node.input) > 2 and node.input[2]:
+        y += float(a.get("beta", 1.0)) * numpy_helper.to_array(inits[node.input[2]])
+    return y
 
 
 def _drop_unread(proto: ModelProto) -> None:
