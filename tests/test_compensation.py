@@ -222,6 +222,79 @@ def test_a_gemm_after_a_global_pool_is_fit_per_position(pictures: Path, tmp_path
     assert np.abs(got - want).max() < 0.01 * np.abs(want).max(), (got, want)
 
 
+def _relu_head_net(activation: str) -> onnx.ModelProto:
+    """1x1 Conv (5 channels) -> Relu -> 1x1 Conv (3) -> the activation -> output."""
+    rng = np.random.default_rng(3)
+    values = {
+        "w1": rng.standard_normal((5, 3, 1, 1)).astype(np.float32),
+        "b1": np.abs(rng.standard_normal(5)).astype(np.float32) + 0.5,  # all five active
+        "w2": rng.standard_normal((3, 5, 1, 1)).astype(np.float32),
+        "b2": np.array([-4.0, -2.0, -6.0], np.float32),  # mostly below the ReLU
+        "lo": np.array(0.0, np.float32),
+        "hi": np.array(1.5, np.float32),
+    }
+    last = {
+        "relu": helper.make_node("Relu", ["c2"], ["y"], name="act"),
+        "clip": helper.make_node("Clip", ["c2", "lo", "hi"], ["y"], name="act"),
+    }[activation]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
+        last,
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [numpy_helper.from_array(v, k) for k, v in values.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("activation", ["relu", "clip"])
+def test_a_layer_before_a_relu_is_fit_where_the_relu_passes(
+    pictures: Path, monkeypatch, activation
+):
+    """conv2 loses two of conv1's channels and feeds a ReLU (or Clip): targets the
+    activation flattens stop pulling the fit once past its bound, and the activation's
+    output comes closer to the original's than a plain least-squares fit's does."""
+    from onnxcut.attribution import reconstruction
+    from onnxcut.graph.io import GraphIndex
+
+    model = _relu_head_net(activation)
+    conv2 = GraphIndex(model).nodes["conv2"]
+    want_range = (0.0, np.inf) if activation == "relu" else (0.0, 1.5)
+    assert reconstruction._flat_range(model, conv2) == want_range
+    plan = {"format": "onnxcut.plan/1", "keep": {"conv1": [0, 2, 4]}}
+    pre = onnxcut.data.fit_to_model(onnxcut.data.preprocess_from(model), model)
+    xs = [b.inputs for b in onnxcut.data.batches(onnxcut.data.list_images(pictures), pre, 1)]
+
+    def error(rounds: int) -> float:
+        monkeypatch.setattr(reconstruction, "FLAT_ROUNDS", rounds)
+        refit = onnxcut.extract(reconstruction.reconstruct(model, plan, pictures), plan)
+        return sum(float(np.square(_run(refit, x) - _run(model, x)).sum()) for x in xs)
+
+    assert error(5) < 0.9 * error(0)
+
+
+def test_only_a_lone_relu_or_constant_clip_counts_as_flat():
+    from onnxcut.attribution import reconstruction
+    from onnxcut.graph.io import GraphIndex
+
+    model = _relu_head_net("relu")
+    model.graph.output.append(helper.make_tensor_value_info("c2", TensorProto.FLOAT, None))
+    conv2 = GraphIndex(model).nodes["conv2"]
+    assert reconstruction._flat_range(model, conv2) is None  # also a graph output
+    model = _relu_head_net("clip")
+    clip = GraphIndex(model).nodes["act"]
+    clip.input[2] = "r1"  # a computed bound
+    assert reconstruction._flat_range(model, GraphIndex(model).nodes["conv2"]) is None
+
+
 def test_reconstruction_keeps_the_sample_task(tmp_path: Path):
     """deeplab_digits cut for two digits: the refit sub-network scores higher, and extract
     of the refit model still equals its mask."""

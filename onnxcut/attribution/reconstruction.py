@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 _PURPOSE = "to reconstruct on"
 SAMPLES = 16384  # output positions per reader the fit uses (a seeded draw)
 RIDGE = 1e-3  # ridge weight, relative to the mean of the normal matrix's diagonal
+FLAT_ROUNDS = 5  # least-squares rounds that let targets past a ReLU's bound go
 
 
 def reconstruct(
@@ -105,7 +106,8 @@ def reconstruct(
         for start, (x,) in run_batches(cut, [tap], paths, pre, provider, threads, _PURPOSE):
             where = draws[name].positions(start, len(x))
             feats.append(_windows(node, x, removed, kernel, where))
-        _refit(proto, node, np.concatenate(feats), np.concatenate(targets.pop(name)), removed)
+        feats, target = np.concatenate(feats), np.concatenate(targets.pop(name))
+        _refit(proto, node, feats, target, removed, _flat_range(proto, node))
         _copy_inputs(proto, node, cut, cut_nodes[name])
         if progress:
             progress(i + 1, len(order))
@@ -214,6 +216,38 @@ def _pooled_map(proto: ModelProto, node) -> str | None:
     return None
 
 
+# Activations that are flat past a bound: op -> (lo, hi) from the node (None: not flat).
+_FLAT = {
+    "Relu": lambda index, n: (0.0, np.inf),
+    "Clip": lambda index, n: _clip_bounds(index, n),
+}
+
+
+def _clip_bounds(index: GraphIndex, node) -> tuple[float, float] | None:
+    lo = index.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    hi = index.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    given = [
+        len(node.input) > 1 and bool(node.input[1]),
+        len(node.input) > 2 and bool(node.input[2]),
+    ]
+    if (given[0] and lo is None) or (given[1] and hi is None):
+        return None  # a computed bound
+    attrs = {a.name: a.f for a in node.attribute}  # opset < 11 keeps them as attributes
+    low = float(lo) if lo is not None else attrs.get("min", -np.inf)
+    high = float(hi) if hi is not None else attrs.get("max", np.inf)
+    return (low, high)
+
+
+def _flat_range(proto: ModelProto, node) -> tuple[float, float] | None:
+    """(lo, hi) when the layer's output feeds one ReLU or constant Clip and nothing else."""
+    index = GraphIndex(proto)
+    out = node.output[0]
+    readers = index.consumers.get(out, [])
+    if len(readers) != 1 or out in index.outputs or readers[0].op_type not in _FLAT:
+        return None
+    return _FLAT[readers[0].op_type](index, readers[0])
+
+
 def _features(proto: ModelProto, node, readers: dict) -> int:
     """The inputs a layer keeps: the unknowns per output of its refit, bias aside."""
     weight = next(t for t in proto.graph.initializer if t.name == node.input[1])
@@ -241,8 +275,17 @@ def _drop_unread(proto: ModelProto) -> None:
     proto.graph.initializer.extend(keep)
 
 
-def _refit(proto: ModelProto, node, feats: np.ndarray, target: np.ndarray, removed) -> None:
-    """Ridge least squares of the original output on the kept inputs' windows."""
+def _refit(
+    proto: ModelProto, node, feats: np.ndarray, target: np.ndarray, removed, flat=None
+) -> None:
+    """Ridge least squares of the original output on the kept inputs' windows.
+
+    `flat` = (lo, hi): the layer feeds only a ReLU or Clip, which maps everything below lo to
+    lo and above hi to hi. Where the original output lies there, any output past the same
+    bound does as well, so those samples stop pulling the fit once it gets past the bound
+    (a few rounds of least squares with those targets moved to the fit's own outputs: the
+    normal matrix stays, only the right-hand side changes).
+    """
     inits = {t.name: t for t in proto.graph.initializer}
     weight = numpy_helper.to_array(inits[node.input[1]])
     a = {v.name: helper.get_attribute_value(v) for v in node.attribute}
@@ -251,7 +294,17 @@ def _refit(proto: ModelProto, node, feats: np.ndarray, target: np.ndarray, remov
     design = np.concatenate([feats, np.ones((len(feats), 1))], axis=1)
     normal = design.T @ design
     normal += RIDGE * np.trace(normal) / len(normal) * np.eye(len(normal))
-    solution = np.linalg.solve(normal, design.T @ target)  # (features + 1, outputs)
+    inverse = np.linalg.inv(normal)
+    solution = inverse @ (design.T @ target)  # (features + 1, outputs)
+    if flat is not None:
+        lo, hi = flat
+        below, above = target <= lo, target >= hi
+        for _ in range(FLAT_ROUNDS):
+            fitted = design @ solution
+            aim = target.copy()
+            past = (below & (fitted < lo)) | (above & (fitted > hi))
+            aim[past] = fitted[past]
+            solution = inverse @ (design.T @ aim)
     new = np.zeros(weight.shape, np.float64)
     if node.op_type == "Conv":
         new[:, kept] = solution[:-1].T.reshape(weight.shape[0], len(kept), *weight.shape[2:])
