@@ -107,7 +107,9 @@ def reconstruct(
             where = draws[name].positions(start, len(x))
             feats.append(_windows(node, x, removed, kernel, where))
         feats, target = np.concatenate(feats), np.concatenate(targets.pop(name))
-        _refit(proto, node, feats, target, removed, _flat_range(proto, node))
+        # A pooled Gemm is fit per position: an activation after it acts on the mean.
+        flat = None if pooled[name] else _flat_range(proto, node)
+        _refit(proto, node, feats, target, removed, flat)
         _copy_inputs(proto, node, cut, cut_nodes[name])
         if progress:
             progress(i + 1, len(order))
@@ -220,6 +222,8 @@ def _pooled_map(proto: ModelProto, node) -> str | None:
 _FLAT = {
     "Relu": lambda index, n: (0.0, np.inf),
     "Clip": lambda index, n: _clip_bounds(index, n),
+    "HardSwish": lambda index, n: (-3.0, np.inf),  # x relu6(x + 3) / 6: 0 below -3 only
+    "HardSigmoid": lambda index, n: _hard_sigmoid_bounds(n),
 }
 
 
@@ -238,14 +242,55 @@ def _clip_bounds(index: GraphIndex, node) -> tuple[float, float] | None:
     return (low, high)
 
 
-def _flat_range(proto: ModelProto, node) -> tuple[float, float] | None:
-    """(lo, hi) when the layer's output feeds one ReLU or constant Clip and nothing else."""
+def _hard_sigmoid_bounds(node) -> tuple[float, float] | None:
+    """max(0, min(1, alpha x + beta)) is flat outside [-beta / alpha, (1 - beta) / alpha]."""
+    attrs = {a.name: a.f for a in node.attribute}
+    alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+    if alpha <= 0:
+        return None
+    return (-beta / alpha, (1 - beta) / alpha)
+
+
+def _through_batch_norm(index: GraphIndex, bn, bounds):
+    """Bounds on a BatchNormalization's output (inference mode, constant statistics) as
+    per-channel bounds on its input: z = s y + t, so z <= L is y <= (L - t) / s for s > 0
+    and y >= (L - t) / s for s < 0."""
+    values = [index.const(name) for name in bn.input[1:5]]
+    if any(v is None for v in values) or any(
+        a.name == "training_mode" and a.i for a in bn.attribute
+    ):
+        return None
+    scale, shift, mean, var = (np.asarray(v, np.float64) for v in values)
+    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    s = scale / np.sqrt(var + eps)
+    t = shift - mean * s
+    if not np.all(s != 0):
+        return None
+    with np.errstate(invalid="ignore"):
+        low, high = ((b - t) / s for b in bounds)  # +-inf stay infinite
+    return np.where(s > 0, low, high), np.where(s > 0, high, low)
+
+
+def _flat_range(proto: ModelProto, node):
+    """(lo, hi), scalars or per output channel, when the layer's output feeds only a flat
+    activation (ReLU, constant Clip, HardSwish, HardSigmoid), directly or through an
+    inference-mode BatchNormalization that nothing else reads; None otherwise."""
     index = GraphIndex(proto)
-    out = node.output[0]
+    out, bn = node.output[0], None
     readers = index.consumers.get(out, [])
+    if (
+        len(readers) == 1
+        and readers[0].op_type == "BatchNormalization"
+        and out not in index.outputs
+    ):
+        bn, out = readers[0], readers[0].output[0]
+        readers = index.consumers.get(out, [])
     if len(readers) != 1 or out in index.outputs or readers[0].op_type not in _FLAT:
         return None
-    return _FLAT[readers[0].op_type](index, readers[0])
+    bounds = _FLAT[readers[0].op_type](index, readers[0])
+    if bounds is None or bn is None:
+        return bounds
+    return _through_batch_norm(index, bn, bounds)
 
 
 def _features(proto: ModelProto, node, readers: dict) -> int:
