@@ -25,6 +25,20 @@ from conftest import ROOT, sample_model
 SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val" / "images"
 
 
+def _net(nodes, values: dict, out_shape, opset: int = 17) -> onnx.ModelProto:
+    """A (1, 3, 8, 8) -> out_shape model of `nodes`, with `values` as initializers."""
+    graph = helper.make_graph(
+        nodes,
+        "net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))],
+        [numpy_helper.from_array(v, k) for k, v in values.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
 def _constant_channel_net() -> onnx.ModelProto:
     """1x1 Conv (4 channels; channel 2 a constant 3.0: zero weights, bias 3) -> Relu ->
     1x1 Conv (2 channels) -> output. Without channel 2 the second Conv loses 3 * W[:, 2]."""
@@ -34,24 +48,12 @@ def _constant_channel_net() -> onnx.ModelProto:
     b1 = np.array([0.1, -0.2, 3.0, 0.3], np.float32)
     w2 = rng.standard_normal((2, 4, 1, 1)).astype(np.float32)
     b2 = np.array([0.5, -0.5], np.float32)
-    inits = [
-        numpy_helper.from_array(v, k) for k, v in {"w1": w1, "b1": b1, "w2": w2, "b2": b2}.items()
-    ]
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "net",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return _net(nodes, {"w1": w1, "b1": b1, "w2": w2, "b2": b2}, [1, 2, 8, 8])
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -189,16 +191,7 @@ def _pooled_head_net(pool: str) -> onnx.ModelProto:
         helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "w2", "b2"], ["y"], name="fc", transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "net",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
-        [numpy_helper.from_array(v, k) for k, v in values.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    return model
+    return _net(nodes, values, [1, 4], opset=18)
 
 
 @pytest.mark.parametrize("pool", ["gap", "mean"])
@@ -257,16 +250,7 @@ def _relu_head_net(activation: str) -> onnx.ModelProto:
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2"),
         *last,
     ]
-    graph = helper.make_graph(
-        nodes,
-        "net",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [numpy_helper.from_array(v, k) for k, v in values.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return _net(nodes, values, [1, 3, 8, 8])
 
 
 def _bn_bounds() -> tuple[np.ndarray, np.ndarray]:
