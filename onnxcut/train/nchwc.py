@@ -32,9 +32,10 @@ from onnxcut.train.builder import Builder
 DOMAIN = "com.microsoft.nchwc"
 INT64_MIN = -(2**63)
 # Rewrite only Convs with at least this many output positions (batch x height x width): the
-# weight reorder costs about as much as the gain of the blocked kernel on ~2,000 positions
-# (ResNet-18's 512-channel layers at 7x7 and batch 8, 392 positions, got slower).
-MIN_POSITIONS = 4096
+# weight reorder costs about as much as the blocked kernel saves on a few hundred positions
+# (ResNet-18 at batch 8: rewriting its 7x7 layers too, 392 positions, took a step from
+# 510-517 to 527-546 ms; its 14x14 layers, 1,568 positions, gain).
+MIN_POSITIONS = 1024
 
 
 @functools.cache
@@ -195,8 +196,12 @@ def _reorder(b: Builder, w: str, shape: list[int], size: int) -> str:
     mp, cp = _up(m, size), _up(c, size)
     if (mp, cp) != (m, c):
         w = b.op("Pad", [w, b.ints([0, 0, 0, 0, mp - m, cp - c, 0, 0])])
-    w = b.op("Reshape", [w, b.ints([mp // size, size, cp // size, size, kh, kw])])
-    w = b.op("Transpose", [w], perm=[0, 2, 4, 5, 3, 1])
+    # Two 3- and 4-D transposes: onnxruntime's one 6-D transpose (perm 0 2 4 5 3 1) took
+    # 2.5x as long on a 512x512x3x3 weight.
+    w = b.op("Reshape", [w, b.ints([mp // size, size, cp * kh * kw])])
+    w = b.op("Transpose", [w], perm=[0, 2, 1])  # (M/b, C, kh, kw, b_out)
+    w = b.op("Reshape", [w, b.ints([mp // size * cp // size, size, kh * kw, size])])
+    w = b.op("Transpose", [w], perm=[0, 2, 1, 3])  # (M/b, C/b, kh kw, b_in, b_out)
     return b.op("Reshape", [w, b.ints([mp, cp, kh, kw])])
 
 
