@@ -32,6 +32,13 @@ from onnxcut.cli.options import (
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
 @click.option("--batch", type=int, default=16, show_default=True, help="Images per step.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option(
+    "--warmup",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of the first epoch's steps over which the learning rate rises to --lr.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the image order.")
 @click.option(
     "--freeze",
@@ -65,6 +72,7 @@ def distill_cmd(model, teachers, data_dir, out, **kw) -> None:
         optimizer=kw["optimizer"],
         batch=kw["batch"],
         temperature=kw["temperature"],
+        warmup=kw["warmup"],
         seed=kw["seed"],
         freeze=tuple(kw["freeze"]),
         freeze_ops=tuple(kw["freeze_op"]),

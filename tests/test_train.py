@@ -3,6 +3,7 @@ steps, and distill (determinism, resume, errors) on sample models and built nets
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -141,6 +142,16 @@ def test_adam_step_is_pytorch_adam():
         np.testing.assert_allclose(a_new, want, rtol=1e-4, atol=1e-6, err_msg=p)
 
 
+def test_warmup_ramps_the_learning_rate():
+    """lr t / W at step t up to W, then lr; Adam's bias corrections as without warmup."""
+    plain, warm = Optimizer("adam", lr=1e-3), Optimizer("adam", lr=1e-3, warmup=4)
+    for step in (1, 2, 4, 5, 9):
+        a, b = plain.scalars(step), warm.scalars(step)
+        assert b[LR] == pytest.approx(a[LR] * min(1.0, step / 4))
+        assert b[CORRECTION] == a[CORRECTION]
+    assert Optimizer("sgd", lr=0.1, warmup=10).scalars(5)[LR] == pytest.approx(0.05)
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("images")
@@ -192,19 +203,25 @@ def test_distill_lowers_the_loss_and_records_metadata(student: Path, images: Pat
     assert all(r.agreement is not None and 0 <= r.agreement <= 1 for r in reports)
     meta = json.loads({p.key: p.value for p in out.metadata_props}[DISTILL_KEY])
     assert meta["epochs"] == 3 and meta["images"] == 24 and meta["final_loss"] > 0
+    assert meta["warmup"] == 0
     before, after = _weights(load(student)), _weights(out)
     assert before.keys() == after.keys()
     assert any(not np.array_equal(before[k], after[k]) for k in before)
     assert [o.name for o in out.graph.output] == [o.name for o in load(student).graph.output]
 
 
+@pytest.mark.parametrize("warmup", [0.0, 1.0])
 def test_distill_is_deterministic_and_resume_gives_the_same_weights(
-    student: Path, images: Path, tmp_path: Path, monkeypatch
+    student: Path, images: Path, tmp_path: Path, monkeypatch, warmup: float
 ):
-    plain = _weights(distill(student, sample_model(SEG), images, OPTS))
-    again = _weights(distill(student, sample_model(SEG), images, OPTS))
+    opts = dataclasses.replace(OPTS, warmup=warmup)
+    plain = _weights(distill(student, sample_model(SEG), images, opts))
+    again = _weights(distill(student, sample_model(SEG), images, opts))
     for k in plain:
         np.testing.assert_array_equal(plain[k], again[k])
+    if warmup:  # the ramp changes the steps: a run without it ends elsewhere
+        other = _weights(distill(student, sample_model(SEG), images, OPTS))
+        assert any(not np.array_equal(plain[k], other[k]) for k in plain)
 
     from onnxcut.train.trainer import Trainer
 
@@ -220,10 +237,10 @@ def test_distill_is_deterministic_and_resume_gives_the_same_weights(
     ckpt = tmp_path / "run.partial"
     monkeypatch.setattr(Trainer, "step", dying)
     with pytest.raises(KeyboardInterrupt):
-        distill(student, sample_model(SEG), images, OPTS, checkpoint=ckpt)
+        distill(student, sample_model(SEG), images, opts, checkpoint=ckpt)
     monkeypatch.setattr(Trainer, "step", real)
     resumed = _weights(
-        distill(student, sample_model(SEG), images, OPTS, checkpoint=ckpt, resume=True)
+        distill(student, sample_model(SEG), images, opts, checkpoint=ckpt, resume=True)
     )
     for k in plain:
         np.testing.assert_array_equal(resumed[k], plain[k], err_msg=k)
@@ -280,6 +297,8 @@ def test_bad_inputs_raise_user_errors(student: Path, images: Path, tmp_path: Pat
     teacher = sample_model(SEG)
     with pytest.raises(DataError, match="learning rate must be above 0"):
         _bad(student, teacher, images, lr=0.0)()
+    with pytest.raises(DataError, match=r"--warmup 1\.5: a share of the first epoch"):
+        _bad(student, teacher, images, warmup=1.5)()
     with pytest.raises(DataError, match="no images"):
         _bad(student, teacher, empty)()
     with pytest.raises(ModelError, match="inputs differ"):
@@ -318,6 +337,7 @@ def test_cli_distill_writes_the_model_and_errors_are_one_line(
     assert DISTILL_KEY in {p.key for p in onnx.load(out).metadata_props}
     for extra, text in [
         (["--lr", "-1"], "learning rate must be above 0"),
+        (["--warmup", "-0.1"], "a share of the first epoch"),
         (["--data", str(tmp_path / "nowhere")], "not a folder of images"),
     ]:
         bad = tmp_path / "bad.onnx"

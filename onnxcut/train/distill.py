@@ -55,6 +55,7 @@ class DistillOptions:
     optimizer: str = "adam"
     batch: int = 16
     temperature: float = 1.0
+    warmup: float = 0.0  # share of the first epoch's steps over which lr rises to --lr
     seed: int = 0
     freeze: tuple[str, ...] = ()  # glob patterns over initializer and node names
     freeze_ops: tuple[str, ...] = ()
@@ -75,6 +76,8 @@ class DistillOptions:
             raise DataError("--epochs, --batch and the checkpoint interval must be at least 1")
         if not self.temperature > 0:
             raise DataError(f"--temperature {self.temperature}: must be above 0")
+        if not 0 <= self.warmup <= 1:
+            raise DataError(f"--warmup {self.warmup}: a share of the first epoch, 0 to 1")
         if self.optimizer not in OPTIMIZERS:
             raise DataError(f"optimizer '{self.optimizer}': use {', '.join(OPTIMIZERS)}")
         if not 0 <= self.label_weight <= 1:
@@ -117,7 +120,9 @@ def distill(
         raise ModelError(
             "every parameter is frozen (or none is a weight); drop some --freeze patterns"
         )
-    optimizer = Optimizer(opts.optimizer, opts.lr)
+    steps_per_epoch = -(-len(paths) // opts.batch)
+    warmup = round(opts.warmup * steps_per_epoch)
+    optimizer = Optimizer(opts.optimizer, opts.lr, warmup=warmup)
     batch_size = min(opts.batch, len(paths))
     graph = build(
         s,
@@ -154,7 +159,6 @@ def distill(
                 "delete it or drop --resume"
             )
         start = trainer.step_count
-    steps_per_epoch = -(-len(paths) // opts.batch)
     total = steps_per_epoch * opts.epochs
     # A resumed run carries on the epoch reports and the current epoch's losses, so its
     # metadata and epoch lines are the uninterrupted run's too.
@@ -344,6 +348,7 @@ def _record(model: ModelProto, opts, reports: list[EpochReport], images: int, lo
         "images": images,
         "batch": opts.batch,
         "lr": opts.lr,
+        "warmup": opts.warmup,
         "optimizer": opts.optimizer,
         "temperature": opts.temperature,
         "labels": bool(opts.masks),

@@ -1,7 +1,9 @@
 """Optimizer steps as ONNX ops, one entry an optimizer, so an update never leaves the
 execution provider: each reads a parameter, its gradient and its state, and gives them new.
 
-Per-step scalars (learning rate, Adam's bias corrections) are fed, not baked in:
+Per-step scalars (learning rate, Adam's bias corrections) are fed, not baked in; with
+`warmup` steps the learning rate rises linearly to `lr` over the first ones (lr t / warmup
+at step t), which keeps one short epoch at a high rate from collapsing a sub-network:
     adam  m' = b1 m + (1 - b1) g;  v' = b2 v + (1 - b2) g^2
           p' = p - (lr / (1 - b1^t)) m' / (sqrt(v') / sqrt(1 - b2^t) + eps)     (PyTorch's Adam)
     sgd   u' = mu u + g;  p' = p - lr u'                               (PyTorch's SGD, momentum)
@@ -26,6 +28,7 @@ class Optimizer:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     momentum: float = 0.9
+    warmup: int = 0  # steps
 
     @property
     def states(self) -> tuple[str, ...]:
@@ -33,10 +36,11 @@ class Optimizer:
 
     def scalars(self, step: int) -> dict[str, float]:
         """Fed scalars for 1-based step `step`."""
+        lr = self.lr * min(1.0, step / self.warmup) if self.warmup else self.lr
         if self.name == "adam":
             b1, b2 = self.betas
-            return {LR: self.lr / (1 - b1**step), CORRECTION: 1 / math.sqrt(1 - b2**step)}
-        return {LR: self.lr}
+            return {LR: lr / (1 - b1**step), CORRECTION: 1 / math.sqrt(1 - b2**step)}
+        return {LR: lr}
 
 
 @dataclass(frozen=True)
