@@ -4,11 +4,11 @@ For each sample model and digit subset: plan with the Disassembler scores at `--
 (default 0.5 of the original's FLOPs), the budget allocated by measured sensitivity on 64
 images of the unlabeled split, extract, evaluate on the validation split with the
 category-customised metric; then distill one epoch against the original on the 1,000-image
-unlabeled split, with `onnxcut distill`'s defaults (Adam, lr 1e-4, batch 16) and with
---lr 1e-3 --batch 8, and evaluate again. With --reconstruct, the sub-network is first refit by
-least squares on 64 unlabeled images (`extract --reconstruct`), and both the "no training"
-column and the distill runs start from it. Scores are cached under --work as in quality.py,
-whose helpers this uses.
+unlabeled split, with `onnxcut distill`'s defaults (Adam, lr 1e-4, batch 16), with
+--lr 1e-3 --batch 8, and with that and --warmup 0.2, and evaluate again. With
+--reconstruct, the sub-network is first refit by least squares on 64 unlabeled images
+(`extract --reconstruct`), and the "no training" column and the distill runs start from it.
+Scores are cached under --work as in quality.py, whose helpers this uses.
 
     .venv/bin/python benchmarks/distill_budget.py [--models a,b] [--subsets 2] [--flops 0.5]
         [--reconstruct]
@@ -20,6 +20,7 @@ import argparse
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from quality import (
@@ -45,7 +46,7 @@ from onnxcut.train import DistillOptions
 
 COLUMNS = (
     "model", "digits", "flops_kept", "params_kept", "no training", "+ distill",
-    "+ distill lr 1e-3 batch 8", "distill_s",
+    "+ distill lr 1e-3 batch 8", "+ same, warmup 0.2", "distill_s",
 )  # fmt: skip
 
 
@@ -88,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 faster = DistillOptions(lr=1e-3, batch=8, threads=args.threads)
                 fast = score_distilled(setup, plan, classes, Path(tmp), faster, start=refit)
                 fast = ratios(fast, ref)
+                ramped = replace(faster, warmup=0.2)
+                warm = score_distilled(setup, plan, classes, Path(tmp), ramped, start=refit)
+                warm = ratios(warm, ref)
                 rows.append(
                     {
                         "model": name,
@@ -97,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "no training": cut["metric_kept"],
                         "+ distill": tuned["metric_kept"],
                         "+ distill lr 1e-3 batch 8": fast["metric_kept"],
+                        "+ same, warmup 0.2": warm["metric_kept"],
                         "distill_s": round(seconds, 1),
                     }
                 )
