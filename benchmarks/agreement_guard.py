@@ -10,7 +10,11 @@ unlabeled images first, not those the agreement is measured on (`extract --min-a
 --data D --reconstruct D2`, which leaves D's images out of the refit).
 
     .venv/bin/python benchmarks/agreement_guard.py [--models a,b] [--subsets 1,2,5] [--min 0.95]
-        [--reconstruct]
+        [--reconstruct] [--confidence C]
+
+The guard compares the agreement's bootstrap lower bound over the images (the value that
+--confidence C of resamples reach, 0.95 as `plan` defaults to); --confidence 0 compares the
+agreement on the images alone.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=64, help="unlabeled images to agree on")
     p.add_argument("--reconstruct", action="store_true", help="refit every candidate first")
+    p.add_argument("--confidence", type=float, default=0.95, help="bootstrap lower bound (0: none)")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -96,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         check,
                         args.min,
                         cut=cut,
+                        confidence=args.confidence or None,
                     )
                 except DataError as e:  # only the whole model agrees
                     print(f"{name} {digits}: {e}\n")

@@ -92,6 +92,15 @@ def selection_options(f, classes_required: bool = True):
                 help="With --min-agreement: keep every channel when nothing smaller agrees.",
             ),
             click.option(
+                "--confidence",
+                type=float,
+                default=0.95,
+                show_default=True,
+                help="With --min-agreement: the agreement must hold on this share of "
+                "bootstrap resamples of --data, not only on --data itself; 0 compares the "
+                "agreement on --data alone.",
+            ),
+            click.option(
                 "--compensate",
                 type=click.Path(),
                 help="Images (no labels) to measure removed channels' means on; their readers' "
@@ -111,6 +120,7 @@ def build_plan(
     min_agreement: float | None = None,
     agreement_data: str | None = None,
     allow_full: bool = False,
+    confidence: float = 0.95,
     compensate: str | None = None,
     reconstruct: str | None = None,
     reconstruct_images: int = 64,
@@ -146,7 +156,8 @@ def build_plan(
     sel = Selection(parse_classes(classes, scores.categories), background=bg, **selection)
     proto = load(model)
     refit_on = (reconstruct, reconstruct_images) if reconstruct is not None else None
-    plan = _select(proto, scores, sel, min_agreement, agreement_data, allow_full, refit_on)
+    guard = {"allow_full": allow_full, "confidence": confidence or None}
+    plan = _select(proto, scores, sel, min_agreement, agreement_data, guard, refit_on)
     if compensate is None:
         return plan
     from onnxcut import data
@@ -158,7 +169,7 @@ def build_plan(
     return measure(proto, plan, compensate, preprocess=pre).to_dict()
 
 
-def _select(proto, scores, sel, min_agreement, agreement_data, allow_full, refit_on) -> dict:
+def _select(proto, scores, sel, min_agreement, agreement_data, guard, refit_on) -> dict:
     """The plan for a selection: thresholds, a budget, or the agreement guard (which measures
     the reconstructed sub-network when `refit_on` names images to refit on, and how many;
     the images of --data are left out of the refit, or the guard would measure the fit)."""
@@ -203,7 +214,7 @@ def _select(proto, scores, sel, min_agreement, agreement_data, allow_full, refit
         sel,
         check,
         min_agreement,
-        allow_full=allow_full,
+        **guard,
         cut=cut,
     )
     if refit_on is not None:  # the agreement holds for the refit sub-network only
@@ -237,4 +248,6 @@ def echo_selection(plan: dict) -> None:
         if key.endswith("_reached"):
             click.echo(f"  {key[: -len('_reached')]} kept: {value:.3f} of the original")
         elif key == "agreement":
-            click.echo(f"  agreement with the original on --data: {value:.4f}")
+            bound = plan["selection"].get("confidence")
+            how = f" (its {bound:g} bootstrap lower bound)" if bound else ""
+            click.echo(f"  agreement with the original on --data{how}: {value:.4f}")

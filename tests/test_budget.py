@@ -113,7 +113,7 @@ def held_out(tmp_path_factory) -> Path:
 
 
 def test_min_agreement_finds_a_smaller_plan_that_agrees(scores, held_out: Path, tmp_path):
-    from onnxcut.attribution.agreement import agreement
+    from onnxcut.attribution.agreement import AgreementCheck, agreement
 
     path = tmp_path / "s.npz"
     save_scores(scores, path)
@@ -123,12 +123,29 @@ def test_min_agreement_finds_a_smaller_plan_that_agrees(scores, held_out: Path, 
         cli, [*args, "--min-agreement", "0.8", "--data", str(held_out), "-o", str(out)]
     )
     assert result.exit_code == 0, result.output
-    assert "agreement with the original on --data: 0." in result.output
+    said = "agreement with the original on --data (its 0.95 bootstrap lower bound): 0."
+    assert said in result.output
     sub = load(out)
     meta = json.loads({p.key: p.value for p in sub.metadata_props}["onnxcut.selection"])
     assert meta["min_agreement"] == 0.8 and meta["agreement"] >= 0.8 and meta["flops"] < 1
-    assert agreement(sub, sample_model(SEG), held_out, [0, 4, 6], background=0) == pytest.approx(
-        meta["agreement"], abs=1e-6
+    assert meta["confidence"] == 0.95
+    # The guard compared the bound, which lies below the agreement on the images themselves.
+    check = AgreementCheck(load(sample_model(SEG)), held_out, [0, 4, 6], background=0)
+    assert check.lower_bound(sub, 0.95) == pytest.approx(meta["agreement"], abs=1e-6)
+    on_images = agreement(sub, sample_model(SEG), held_out, [0, 4, 6], background=0)
+    assert on_images > meta["agreement"]
+    # --confidence 0: the agreement on --data alone, as before there was a bound.
+    alone = tmp_path / "alone.onnx"
+    result = CliRunner().invoke(
+        cli,
+        [*args, "--min-agreement", "0.8", "--data", str(held_out), "--confidence", "0",
+         "-o", str(alone)],
+    )  # fmt: skip
+    assert "agreement with the original on --data: 0." in result.output, result.output
+    meta = json.loads({p.key: p.value for p in load(alone).metadata_props}["onnxcut.selection"])
+    assert "confidence" not in meta
+    assert agreement(load(alone), sample_model(SEG), held_out, [0, 4, 6], background=0) == (
+        pytest.approx(meta["agreement"], abs=1e-6)
     )
 
 
@@ -144,9 +161,12 @@ def test_min_agreement_errors(scores, held_out: Path, tmp_path: Path):
     assert "short of the whole model" in result.output and not out.exists()
     full = [*args, "--min-agreement", "1.0", "--data", str(held_out), "--allow-full"]
     result = CliRunner().invoke(cli, full)
-    assert (
-        result.exit_code == 0 and "agreement with the original on --data: 1.0000" in result.output
-    )
+    assert result.exit_code == 0 and "bootstrap lower bound): 1.0000" in result.output
+    out.unlink()
+    bad = [*args, "--min-agreement", "0.9", "--data", str(held_out), "--confidence", "1.5"]
+    result = CliRunner().invoke(cli, bad)
+    assert result.exit_code == 2 and "--confidence 1.5: a probability" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_sensitivity_allocation_beats_uniform_at_half_the_flops(scores, held_out: Path):

@@ -32,6 +32,7 @@ from onnxcut.runtime import session
 log = logging.getLogger(__name__)
 
 BISECTIONS = 7  # the budget found is within 1/128 of the smallest that agrees
+RESAMPLES = 1000  # bootstrap resamples of the images for a confidence bound
 
 
 class AgreementCheck:
@@ -98,19 +99,40 @@ class AgreementCheck:
         k = len(self.categories)
         cats_array = np.asarray(self.categories)
         order = np.argsort(cats_array, kind="stable")
-        confusion = np.zeros((k, k), np.int64)  # original x sub, over counted positions
+        per_image = []  # (images, k, k): original x sub, over counted positions
         for x, top, counted in zip(self.inputs, self.tops, self.counted, strict=True):
             (out,) = sess.run([head.output], {name: x})
             sub_top = np.take(out, positions, axis=head.axis).argmax(axis=head.axis)
-            # Each counted position's category as its index in self.categories.
-            original = order[np.searchsorted(cats_array[order], top[counted])]
-            np.add.at(confusion, (original, sub_top[counted]), 1)
-        if not head.spatial:
-            return float(np.trace(confusion) / confusion.sum())
-        hits = np.diag(confusion).astype(np.float64)
-        union = confusion.sum(0) + confusion.sum(1) - hits
-        present = confusion.sum(1) > 0  # categories the original shows
-        return float(np.mean(hits[present] / union[present]))
+            for n in range(len(x)):  # one confusion per image, for the bootstrap
+                # Each counted position's category as its index in self.categories.
+                original = order[np.searchsorted(cats_array[order], top[n][counted[n]])]
+                confusion = np.zeros((k, k), np.int64)
+                np.add.at(confusion, (original, sub_top[n][counted[n]]), 1)
+                per_image.append(confusion)
+        self.per_image, self.spatial = np.stack(per_image), head.spatial
+        return _score(self.per_image.sum(0), head.spatial)
+
+    def lower_bound(self, sub: ModelProto | str | os.PathLike[str], confidence: float) -> float:
+        """The agreement that `confidence` of resamples of the images (with replacement,
+        seeded) reach or beat: how low it may be on other images like these. 64 images
+        agreeing 0.97 on a classifier give about 0.92 at 0.95."""
+        self(sub)
+        rng = np.random.default_rng(0)
+        n = len(self.per_image)
+        draws = rng.integers(0, n, (RESAMPLES, n))
+        scores = [_score(self.per_image[d].sum(0), self.spatial) for d in draws]
+        return float(np.quantile(scores, 1 - confidence))
+
+
+def _score(confusion: np.ndarray, spatial: bool) -> float:
+    """Agreement from a confusion matrix: accuracy for a classifier, mean IoU over the
+    categories the original shows for a segmenter."""
+    if not spatial:
+        return float(np.trace(confusion) / max(confusion.sum(), 1))
+    hits = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - hits
+    present = confusion.sum(1) > 0  # categories the original shows
+    return float(np.mean(hits[present] / union[present])) if present.any() else 1.0
 
 
 def agreement(
@@ -133,17 +155,26 @@ def guarded_plan(
     *,
     allow_full: bool = False,
     cut: Callable[[ModelProto, dict], ModelProto] | None = None,
+    confidence: float | None = 0.95,
 ) -> dict:
     """The plan at the smallest FLOPs budget whose sub-network agrees with `model` on at least
     `min_agreement` of `check`'s positions (bisection over the budget; `make_plan(sel,
     check=check)` plans, so a sensitivity allocation is measured once). `cut(model, plan)`
-    makes the sub-network to measure (default `extract`; reconstruction refits it first)."""
+    makes the sub-network to measure (default `extract`; reconstruction refits it first).
+    The agreement compared is its bootstrap lower bound at `confidence` over the images
+    (`AgreementCheck.lower_bound`); None compares the agreement on these images alone, which
+    flatters: 64 unlabeled digits agreeing 0.97 kept 0.90 of a classifier's top-1 on others."""
     from onnxcut.channels.surgery import extract
 
     cut = cut or extract
 
     if not 0 < min_agreement <= 1:
         raise DataError(f"--min-agreement {min_agreement}: a share, 0 < A <= 1")
+    if confidence is not None and not 0.5 <= confidence < 1:
+        raise DataError(f"--confidence {confidence}: a probability, 0.5 <= C < 1")
+
+    def agrees(sub: ModelProto) -> float:
+        return check(sub) if confidence is None else check.lower_bound(sub, confidence)
 
     def measure(share: float) -> tuple[dict, float] | None:
         try:
@@ -152,7 +183,7 @@ def guarded_plan(
             if "smallest reachable" in str(e):
                 return None
             raise
-        return plan, check(cut(model, plan))
+        return plan, agrees(cut(model, plan))
 
     full = measure(1.0)
     assert full is not None  # a budget of 1 keeps every channel
@@ -178,6 +209,7 @@ def guarded_plan(
         **plan.get("selection", {}),
         "min_agreement": min_agreement,
         "agreement": round(reached, 6),
+        **({"confidence": confidence} if confidence is not None else {}),
     }
     return plan
 
