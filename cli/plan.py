@@ -94,11 +94,9 @@ def selection_options(f, classes_required: bool = True):
             click.option(
                 "--confidence",
                 type=float,
-                default=0.95,
-                show_default=True,
                 help="With --min-agreement: the agreement must hold on this share of "
-                "bootstrap resamples of --data, not only on --data itself; 0 compares the "
-                "agreement on --data alone.",
+                "bootstrap resamples of --data, not only on --data itself (default 0.95); 0 "
+                "compares the agreement on --data alone.",
             ),
             click.option(
                 "--compensate",
@@ -120,7 +118,7 @@ def build_plan(
     min_agreement: float | None = None,
     agreement_data: str | None = None,
     allow_full: bool = False,
-    confidence: float = 0.95,
+    confidence: float | None = None,
     compensate: str | None = None,
     reconstruct: str | None = None,
     reconstruct_images: int = 64,
@@ -156,7 +154,10 @@ def build_plan(
     sel = Selection(parse_classes(classes, scores.categories), background=bg, **selection)
     proto = load(model)
     refit_on = (reconstruct, reconstruct_images) if reconstruct is not None else None
-    guard = {"allow_full": allow_full, "confidence": confidence or None}
+    if confidence is not None and min_agreement is None:
+        raise DataError("--confidence bounds --min-agreement's agreement: give --min-agreement")
+    guard = {"allow_full": allow_full, "confidence": 0.95 if confidence is None else confidence}
+    guard["confidence"] = guard["confidence"] or None  # 0: the agreement on --data alone
     plan = _select(proto, scores, sel, min_agreement, agreement_data, guard, refit_on)
     if compensate is None:
         return plan

@@ -163,10 +163,14 @@ def test_min_agreement_errors(scores, held_out: Path, tmp_path: Path):
     result = CliRunner().invoke(cli, full)
     assert result.exit_code == 0 and "bootstrap lower bound): 1.0000" in result.output
     out.unlink()
-    bad = [*args, "--min-agreement", "0.9", "--data", str(held_out), "--confidence", "1.5"]
-    result = CliRunner().invoke(cli, bad)
-    assert result.exit_code == 2 and "--confidence 1.5: a probability" in result.output
-    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    for extra, said in [
+        (["--min-agreement", "0.9", "--data", str(held_out), "--confidence", "1.5"],
+         "--confidence 1.5: a probability"),
+        (["--confidence", "0.9"], "give --min-agreement"),
+    ]:  # fmt: skip
+        result = CliRunner().invoke(cli, [*args, *extra])
+        assert result.exit_code == 2 and said in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_sensitivity_allocation_beats_uniform_at_half_the_flops(scores, held_out: Path):
