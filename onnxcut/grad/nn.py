@@ -13,13 +13,7 @@ import numpy as np
 from onnxcut.errors import UnsupportedOpError
 from onnxcut.grad.emitter import Emitter, Site, decoded
 from onnxcut.grad.registry import vjp
-from onnxcut.grad.weights import (
-    channel_sum,
-    conv_weight_grad,
-    conv_weight_grad_matmul,
-    flipped_transposed,
-    use_matmul,
-)
+from onnxcut.grad.weights import channel_sum, conv_weight_grad, flipped_transposed
 
 
 def _window(g: Emitter, s: Site, spatial: int) -> tuple[list[int], list[int], list[int]]:
@@ -72,12 +66,7 @@ def conv(g: Emitter, s: Site):
     dw = db = None
     if s.needs[1]:
         pads = begins + ends
-        if use_matmul(xs, kernel, group, pads):
-            dw = conv_weight_grad_matmul(
-                g, g.fwd(x), xs, s.g, kernel, strides, dilations, pads, ys[1]
-            )
-        else:
-            dw = conv_weight_grad(g, g.fwd(x), xs, s.g, kernel, strides, dilations, group, pads)
+        dw = conv_weight_grad(g, g.fwd(x), xs, s.g, ys, kernel, strides, dilations, group, pads)
     if s.input(2) and s.needs[2]:
         db = channel_sum(g, s.g, len(ys))
     dx = _conv_input_grad(g, s, xs, ys, kernel, strides, dilations, group, begins, ends)
@@ -182,12 +171,7 @@ def conv_transpose(g: Emitter, s: Site):
         )
     if s.needs[1]:  # the adjoint Conv's weight gradient: its input is dy, its output x
         pads, fx = begins + ends, g.fwd(x)
-        if use_matmul(dy_shape, kernel, group, pads):
-            dw = conv_weight_grad_matmul(
-                g, dy, dy_shape, fx, kernel, strides, dilations, pads, xs[1]
-            )
-        else:
-            dw = conv_weight_grad(g, dy, dy_shape, fx, kernel, strides, dilations, group, pads)
+        dw = conv_weight_grad(g, dy, dy_shape, fx, xs, kernel, strides, dilations, group, pads)
     if s.input(2) and s.needs[2]:
         db = channel_sum(g, s.g, len(ys))
     return (dx, dw, db)
