@@ -36,6 +36,7 @@ from quality import (
     score_model,
     table,
     unlabeled_images,
+    work_folder,
 )
 
 from onnxcut.attribution.agreement import AgreementCheck, guarded_plan
@@ -67,8 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--reconstruct", action="store_true", help="refit every candidate first")
     p.add_argument("--confidence", type=float, default=0.95, help="bootstrap lower bound (0: none)")
     args = p.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

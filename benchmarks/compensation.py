@@ -36,6 +36,7 @@ from quality import (
     score_plan,
     table,
     unlabeled_images,
+    work_folder,
 )
 from wide_sample import WIDE, wide_setup
 
@@ -58,8 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=None, help="cache folder for scores (.npz)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

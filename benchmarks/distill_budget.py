@@ -36,6 +36,7 @@ from quality import (
     score_plan,
     table,
     unlabeled_images,
+    work_folder,
 )
 
 from onnxcut.attribution.reconstruction import reconstruct
@@ -59,8 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reconstruct", action="store_true", help="refit before distilling")
     args = p.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work)
     subsets = digit_subsets([int(s) for s in args.subsets.split(",")])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

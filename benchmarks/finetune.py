@@ -35,6 +35,7 @@ from quality import (
     plan_at_counts,
     sample_setup,
     score_model,
+    work_folder,
     zero_vectors,
 )
 
@@ -195,8 +196,7 @@ def main(argv=None) -> None:
     p.add_argument("--work", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work)
     setup = sample_setup(args.model)
     digits = digit_subsets([args.size])[args.size]
     classes = categories(setup, digits)

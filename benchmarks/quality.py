@@ -147,6 +147,13 @@ def categories(setup: Setup, digits: Sequence[int]) -> tuple[int, ...]:
     return tuple(d + 1 for d in digits) if setup.task == "segment" else tuple(digits)
 
 
+def work_folder(path: Path | None) -> Path:
+    """The --work cache folder, made if missing; a fresh temporary one when not given."""
+    work = path or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def cached_scores(setup: Setup, work: Path, tau: float = 0.9) -> Scores:
     """Attribute once per model, shard and tau; reuse the .npz under `work` when present."""
     shard = (setup.shard or "all").replace("/", "of")
@@ -343,8 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.subsets, args.sweep = "deeplab_digits", "2", "none"
-    work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work)
     subsets = digit_subsets([int(s) for s in args.subsets.split(",")])
     print(f"digit subsets (first n of seed-0 permutation): {subsets}; scores cache: {work}\n")
     rows = []

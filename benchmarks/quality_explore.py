@@ -47,6 +47,7 @@ from quality import (
     score_model,
     score_plan,
     table,
+    work_folder,
     zero_vectors,
 )
 
@@ -262,8 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--channel-layers", type=int, default=2, help="most sensitive layers to probe")
     p.add_argument("--only", choices=["allocations"], help="run one part only")
     args = p.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work)
     setup = sample_setup(args.model, limit=args.limit)
     digits = digit_subsets([args.size])[args.size]
     classes = categories(setup, digits)

@@ -54,6 +54,7 @@ from quality import (
     score_model,
     score_plan,
     table,
+    work_folder,
     zero_vectors,
 )
 
@@ -166,8 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--distill", action="store_true", help="add '+ distill' rows (slow)")
     args = p.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="onnxcut-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder(args.work)
     subsets = digit_subsets([int(s) for s in args.subsets.split(",")])
     print(f"digit subsets (first n of seed-0 permutation): {subsets}; scores cache: {work}\n")
     kw = {"threads": args.threads, "distill": args.distill}
