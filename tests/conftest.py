@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnx
@@ -23,6 +25,14 @@ SAMPLE_NAMES = [
     "vgg_digits_cls",
     "mobilenet_digits_seg",
 ]
+
+
+def copy_images(paths: Iterable[Path], folder: Path) -> Path:
+    """Copy image files into `folder` (made if missing) under their own names; return it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        shutil.copy(path, folder / path.name)
+    return folder
 
 
 def conv_bn_net(**builder_args) -> onnx.ModelProto:

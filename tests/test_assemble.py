@@ -26,7 +26,7 @@ from onnxcut.cli.main import cli
 from onnxcut.errors import DataError, ModelError
 from onnxcut.runtime import session
 
-from conftest import ROOT, sample_model
+from conftest import ROOT, copy_images, sample_model
 from netbuilder import NetBuilder
 
 K = 6  # categories of the test nets (segmentation: background + 5)
@@ -373,14 +373,12 @@ def _cli(*args) -> tuple[int, str]:
 
 def _deeplab_unet_scenes(tmp_path: Path, n: int):
     """The two sample segmenters and a folder of `n` val scenes."""
-    import shutil
 
     from conftest import ROOT, sample_model
 
     images = tmp_path / "scenes"
     images.mkdir()
-    for path in sorted((ROOT / "samples/data/digit_scenes/val/images").glob("*.png"))[:n]:
-        shutil.copy(path, images / path.name)
+    copy_images(sorted((ROOT / "samples/data/digit_scenes/val/images").glob("*.png"))[:n], images)
     return sample_model("deeplab_digits"), sample_model("unet_digits"), images
 
 

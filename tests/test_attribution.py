@@ -18,7 +18,7 @@ from onnxcut.cli.main import cli
 from onnxcut.errors import DataError
 from onnxcut.graph.io import load
 
-from conftest import ROOT, sample_model
+from conftest import ROOT, copy_images, sample_model
 
 SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val"
 DIGITS = ROOT / "samples" / "data" / "digits_cls" / "val"
@@ -32,8 +32,7 @@ def scenes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("scenes")
     for kind in ("images", "masks"):
         (root / kind).mkdir()
-        for path in sorted((SCENES / kind).glob("*.png"))[:12]:
-            shutil.copy(path, root / kind / path.name)
+        copy_images(sorted((SCENES / kind).glob("*.png"))[:12], root / kind)
     return root
 
 
@@ -125,8 +124,7 @@ def test_batch_size_does_not_change_scores(scenes: Path, seg_scores, batch: int)
 def test_classifier_batches_agree(tmp_path: Path, top_k):
     images = tmp_path / "images"
     images.mkdir()
-    for path in sorted(DIGITS.rglob("*.png"))[:11]:
-        shutil.copy(path, images / path.name)
+    copy_images(sorted(DIGITS.rglob("*.png"))[:11], images)
     runs = [
         attribute(sample_model(CLS), images, AttributeOptions(tau=0.5, batch=b, top_k=top_k))
         for b in (1, 4)
@@ -139,8 +137,7 @@ def test_category_patterns_differ(tmp_path: Path):
     """Forward vectors of two categories are less alike than those of two halves of one
     category's images, as the Disassembler paper reports."""
     images = sorted((SCENES / "images").glob("*.png"))[:60]
-    for path in images:
-        shutil.copy(path, tmp_path / path.name)
+    copy_images(images, tmp_path)
     halves = [
         attribute(sample_model(SEG), tmp_path, AttributeOptions(tau=0.7, shard=f"{k}/2"))
         for k in (1, 2)
@@ -249,8 +246,7 @@ def test_two_class_classifier_keeps_accuracy(tmp_path: Path):
 
     for cls in ("4", "8"):
         (tmp_path / "data" / cls).mkdir(parents=True)
-        for path in sorted((DIGITS / cls).glob("*.png"))[:10]:
-            shutil.copy(path, tmp_path / "data" / cls / path.name)
+        copy_images(sorted((DIGITS / cls).glob("*.png"))[:10], tmp_path / "data" / cls)
     model = sample_model(CLS)
     scores = attribute(model, DIGITS, AttributeOptions(top_k=8))
     sub = extract(model, make_plan(load(model), scores, Selection(classes=(4, 8))))

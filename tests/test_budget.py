@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from onnxcut.errors import DataError
 from onnxcut.graph.io import load
 from onnxcut.graph.shapes import default_batch_inplace, infer_shapes
 
-from conftest import ROOT, sample_model
+from conftest import ROOT, copy_images, sample_model
 
 SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val" / "images"
 SEG = "deeplab_digits"
@@ -27,8 +26,7 @@ SEG = "deeplab_digits"
 @pytest.fixture(scope="module")
 def scores(tmp_path_factory):
     folder = tmp_path_factory.mktemp("scenes")
-    for path in sorted(SCENES.glob("*.png"))[:12]:
-        shutil.copy(path, folder / path.name)
+    copy_images(sorted(SCENES.glob("*.png"))[:12], folder)
     return attribute(sample_model(SEG), folder, AttributeOptions(tau=0.7, batch=4))
 
 
@@ -94,8 +92,7 @@ def test_agreement_of_a_model_with_itself_is_one(tmp_path: Path):
 
     folder = tmp_path / "few"
     folder.mkdir()
-    for path in sorted(SCENES.glob("*.png"))[:3]:
-        shutil.copy(path, folder / path.name)
+    copy_images(sorted(SCENES.glob("*.png"))[:3], folder)
     assert agreement(sample_model(SEG), sample_model(SEG), folder, [0, 5, 7]) == 1.0
     with pytest.raises(DataError, match="does not output categories"):
         plan = {"format": "onnxcut.plan/1", "keep": {}, "outputs": {}}
@@ -107,8 +104,7 @@ def test_agreement_of_a_model_with_itself_is_one(tmp_path: Path):
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("held_out")
-    for path in sorted(SCENES.glob("*.png"))[100:124]:
-        shutil.copy(path, folder / path.name)
+    copy_images(sorted(SCENES.glob("*.png"))[100:124], folder)
     return folder
 
 

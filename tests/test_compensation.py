@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import cv2
@@ -20,7 +19,7 @@ from onnxcut.channels.plan import parse_plan
 from onnxcut.cli.main import cli
 from onnxcut.errors import PlanError
 
-from conftest import ROOT, sample_model
+from conftest import ROOT, copy_images, sample_model
 
 SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val" / "images"
 
@@ -89,8 +88,7 @@ def test_compensated_extract_equals_compensated_mask(name: str, tmp_path: Path):
     """The deltas go in before the cut, so the two stay exactly equal."""
     images = tmp_path / "images"
     images.mkdir()
-    for path in sorted(SCENES.glob("*.png"))[:6]:
-        shutil.copy(path, images / path.name)
+    copy_images(sorted(SCENES.glob("*.png"))[:6], images)
     model = onnxcut.load(sample_model(name))
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     # Keep half the channels of every other Conv: many readers lose inputs.
@@ -125,8 +123,7 @@ def scored(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("scored")
     images, scores = root / "images", root / "s.npz"
     images.mkdir()
-    for path in sorted(SCENES.glob("*.png"))[:12]:
-        shutil.copy(path, images / path.name)
+    copy_images(sorted(SCENES.glob("*.png"))[:12], images)
     model = str(sample_model("deeplab_digits"))
     args = ["attribute", model, "--data", str(images), "-o", str(scores), "--tau", "0.7"]
     assert CliRunner().invoke(cli, args).exit_code == 0
@@ -204,8 +201,7 @@ def test_a_gemm_after_a_global_pool_is_fit_per_position(pictures: Path, tmp_path
     model = _pooled_head_net(pool)
     paths = onnxcut.data.list_images(pictures)
     fit_on = tmp_path_factory.mktemp("fit_on")
-    for path in paths[:2]:
-        shutil.copy(path, fit_on / path.name)
+    copy_images(paths[:2], fit_on)
     plan = {"format": "onnxcut.plan/1", "keep": {"conv1": [0, 1, 2, 3, 4]}}
     refit = reconstruct(model, plan, fit_on)
     pre = onnxcut.data.fit_to_model(onnxcut.data.preprocess_from(model), model)
@@ -319,11 +315,9 @@ def test_reconstruction_keeps_the_sample_task(tmp_path: Path):
     from onnxcut.attribution.reconstruction import reconstruct
 
     images, masks = tmp_path / "images", tmp_path / "masks"
-    images.mkdir()
-    masks.mkdir()
-    for path in sorted(SCENES.glob("*.png"))[:40]:
-        shutil.copy(path, images / path.name)
-        shutil.copy(SCENES.parent / "masks" / path.name, masks / path.name)
+    paths = sorted(SCENES.glob("*.png"))[:40]
+    copy_images(paths, images)
+    copy_images([SCENES.parent / "masks" / path.name for path in paths], masks)
     model = sample_model("deeplab_digits")
     scores = onnxcut.attribute(model, images, onnxcut.AttributeOptions(tau=0.7))
     plan = onnxcut.make_plan(onnxcut.load(model), scores, onnxcut.Selection((4, 6)))
@@ -362,8 +356,7 @@ def test_the_agreement_guard_measures_the_sub_network_cut_gives_it(tmp_path: Pat
 
     images = tmp_path / "images"
     images.mkdir()
-    for path in sorted(SCENES.glob("*.png"))[:8]:
-        shutil.copy(path, images / path.name)
+    copy_images(sorted(SCENES.glob("*.png"))[:8], images)
     model = onnxcut.load(sample_model("deeplab_digits"))
     options = onnxcut.AttributeOptions(tau=0.7)
     scores = onnxcut.attribute(sample_model("deeplab_digits"), images, options)
@@ -393,8 +386,7 @@ def test_reconstruction_leaves_out_the_images_an_agreement_is_measured_on(
     plan = {"format": "onnxcut.plan/1", "keep": {"conv1": [0, 1, 3]}}
     paths = onnxcut.data.list_images(pictures)
     rest = tmp_path_factory.mktemp("rest")  # outside `pictures`, which is listed recursively
-    for path in paths[2:]:
-        shutil.copy(path, rest / path.name)
+    copy_images(paths[2:], rest)
     left_out = reconstruct(model, plan, pictures, exclude={p.resolve() for p in paths[:2]})
     want = reconstruct(model, plan, rest)
     whole = reconstruct(model, plan, pictures)
@@ -416,8 +408,7 @@ def test_cli_guard_never_refits_on_its_own_images(scored: tuple[Path, Path], tmp
     model = str(sample_model("deeplab_digits"))
     held_out = tmp_path / "held_out"
     held_out.mkdir()
-    for path in sorted(images.glob("*.png"))[:4]:
-        shutil.copy(path, held_out / path.name)
+    copy_images(sorted(images.glob("*.png"))[:4], held_out)
     guard = ["extract", model, "--scores", str(scores), "--classes", "4,6", "-o", str(out),
              "--min-agreement", "0.5", "--data", str(held_out)]  # fmt: skip
     result = CliRunner().invoke(cli, [*guard, "--reconstruct", str(held_out)])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import cv2
@@ -17,7 +16,7 @@ from onnxcut.cli.main import cli
 from onnxcut.errors import DataError
 from onnxcut.evaluation.metrics import EvalOptions, evaluate
 
-from conftest import ROOT, sample_model
+from conftest import ROOT, copy_images, sample_model
 
 SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val"
 DIGITS = ROOT / "samples" / "data" / "digits_cls" / "val"
@@ -28,8 +27,7 @@ def scenes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("scenes")
     for kind in ("images", "masks"):
         (root / kind).mkdir()
-        for path in sorted((SCENES / kind).glob("*.png"))[:10]:
-            shutil.copy(path, root / kind / path.name)
+        copy_images(sorted((SCENES / kind).glob("*.png"))[:10], root / kind)
     return root
 
 
@@ -106,8 +104,7 @@ def test_customised_task_and_subnetwork_mapping(scenes: Path, tmp_path: Path):
 def test_missing_masks_are_counted(scenes: Path, tmp_path: Path):
     masks = tmp_path / "masks"
     masks.mkdir()
-    for path in sorted((scenes / "masks").glob("*.png"))[:6]:
-        shutil.copy(path, masks / path.name)
+    copy_images(sorted((scenes / "masks").glob("*.png"))[:6], masks)
     report = evaluate(
         sample_model("deeplab_digits"),
         scenes / "images",

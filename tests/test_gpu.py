@@ -7,7 +7,6 @@ elsewhere they skip with the reason.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from click.testing import CliRunner
 from onnxcut.attribution.driver import AttributeOptions, attribute
 from onnxcut.cli.main import cli
 
-from conftest import ROOT, sample_model
+from conftest import ROOT, copy_images, sample_model
 
 SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val"
 MODEL = "deeplab_digits"
@@ -44,8 +43,7 @@ needs_tensorrt = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("gpu_images")
-    for path in sorted((SCENES / "images").glob("*.png"))[:12]:
-        shutil.copy(path, root / path.name)
+    copy_images(sorted((SCENES / "images").glob("*.png"))[:12], root)
     return root
 
 

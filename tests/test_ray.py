@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from onnxcut.attribution.driver import AttributeOptions, attribute
 from onnxcut.attribution.scores import load_scores
 from onnxcut.cli.main import cli
 
-from conftest import ROOT, sample_model
+from conftest import ROOT, copy_images, sample_model
 
 SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val" / "images"
 OPTS = AttributeOptions(tau=0.7, batch=4)
@@ -23,8 +22,7 @@ OPTS = AttributeOptions(tau=0.7, batch=4)
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ray_images")
-    for path in sorted(SCENES.glob("*.png"))[:10]:
-        shutil.copy(path, root / path.name)
+    copy_images(sorted(SCENES.glob("*.png"))[:10], root)
     return root
 
 

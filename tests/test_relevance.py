@@ -11,7 +11,7 @@ from onnxcut.errors import DataError
 from onnxcut.graph.io import expose_tensors, load
 from onnxcut.runtime import run
 
-from conftest import ROOT, sample_model
+from conftest import ROOT, copy_images, sample_model
 from netbuilder import NetBuilder
 
 
@@ -67,12 +67,12 @@ def test_relevance_is_conserved_along_a_chain():
 
 
 def test_classify_scores_hold_relevance(tmp_path):
-    import shutil
 
     for cls in ("4", "8"):
         (tmp_path / cls).mkdir()
-        for path in sorted((ROOT / "samples/data/digits_cls/val" / cls).glob("*.png"))[:4]:
-            shutil.copy(path, tmp_path / cls / path.name)
+        copy_images(
+            sorted((ROOT / "samples/data/digits_cls/val" / cls).glob("*.png"))[:4], tmp_path / cls
+        )
     scores = attribute(
         sample_model("resnet_digits_cls"), tmp_path, AttributeOptions(tau=0.5, batch=4)
     )
@@ -85,14 +85,14 @@ def test_classify_scores_hold_relevance(tmp_path):
 
 
 def test_top_k_per_class_and_shards(tmp_path):
-    import shutil
 
     from onnxcut.attribution.scores import merge
 
     for cls in ("1", "4", "8"):
         (tmp_path / cls).mkdir()
-        for path in sorted((ROOT / "samples/data/digits_cls/val" / cls).glob("*.png"))[:6]:
-            shutil.copy(path, tmp_path / cls / path.name)
+        copy_images(
+            sorted((ROOT / "samples/data/digits_cls/val" / cls).glob("*.png"))[:6], tmp_path / cls
+        )
     model = sample_model("resnet_digits_cls")
     whole = attribute(model, tmp_path, AttributeOptions(top_k=2))
     assert whole.count[[1, 4, 8]].tolist() == [2, 2, 2] and whole.count.sum() == 6
@@ -105,12 +105,12 @@ def test_top_k_per_class_and_shards(tmp_path):
 
 
 def _two_classes(tmp_path, n=3):
-    import shutil
 
     for cls in ("4", "8"):
         (tmp_path / cls).mkdir()
-        for path in sorted((ROOT / "samples/data/digits_cls/val" / cls).glob("*.png"))[:n]:
-            shutil.copy(path, tmp_path / cls / path.name)
+        copy_images(
+            sorted((ROOT / "samples/data/digits_cls/val" / cls).glob("*.png"))[:n], tmp_path / cls
+        )
     return tmp_path
 
 

@@ -22,7 +22,7 @@ from onnxcut.cli.main import cli
 from onnxcut.report import measures
 from onnxcut.report.route import route_graph
 
-from conftest import ROOT, sample_model
+from conftest import ROOT, copy_images, sample_model
 
 SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val"
 DIGITS = ROOT / "samples" / "data" / "digits_cls" / "val"
@@ -45,8 +45,7 @@ def seg(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("seg")
     for kind in ("images", "masks"):
         (root / kind).mkdir()
-        for path in sorted((SCENES / kind).glob("*.png"))[:24]:
-            shutil.copy(path, root / kind / path.name)
+        copy_images(sorted((SCENES / kind).glob("*.png"))[:24], root / kind)
     run = {k: root / f"{k}" for k in ("scores.npz", "plan.json", "sub.onnx")}
     model = sample_model("deeplab_digits")
     ok("attribute", model, "--data", root / "images", "-o", run["scores.npz"])
@@ -66,8 +65,7 @@ def cls(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cls")
     for folder in sorted(DIGITS.iterdir()):
         (root / "images" / folder.name).mkdir(parents=True)
-        for path in sorted(folder.glob("*.png"))[:4]:
-            shutil.copy(path, root / "images" / folder.name / path.name)
+        copy_images(sorted(folder.glob("*.png"))[:4], root / "images" / folder.name)
     scores, plan = root / "scores.npz", root / "plan.json"
     model = sample_model("resnet_digits_cls")
     ok("attribute", model, "--data", root / "images", "--top-k", "3", "-o", scores)

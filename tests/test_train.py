@@ -25,7 +25,7 @@ from onnxcut.train.graph import LOSS, WEIGHTS, updated
 from onnxcut.train.losses import SCALE, TARGET
 from onnxcut.train.optimizers import CORRECTION, LR
 
-from conftest import ROOT, conv_bn_net, sample_model
+from conftest import ROOT, conv_bn_net, copy_images, sample_model
 from netbuilder import NetBuilder
 
 SCENES = ROOT / "samples" / "data" / "digit_scenes" / "val"
@@ -155,8 +155,7 @@ def test_warmup_ramps_the_learning_rate():
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("images")
-    for path in sorted((SCENES / "images").glob("*.png"))[:24]:
-        shutil.copy(path, folder / path.name)
+    copy_images(sorted((SCENES / "images").glob("*.png"))[:24], folder)
     return folder
 
 
