@@ -277,7 +277,7 @@ def test_a_layer_before_a_relu_is_fit_where_the_relu_passes(
 
     model = _relu_head_net(activation)
     conv2 = GraphIndex(model).nodes["conv2"]
-    got = reconstruction._flat_range(model, conv2)
+    got = reconstruction._flat_range(GraphIndex(model), conv2)
     want = FLAT_RANGES[activation]
     if want is None:
         want = _bn_bounds()
@@ -302,11 +302,11 @@ def test_only_a_lone_relu_or_constant_clip_counts_as_flat():
     model = _relu_head_net("relu")
     model.graph.output.append(helper.make_tensor_value_info("c2", TensorProto.FLOAT, None))
     conv2 = GraphIndex(model).nodes["conv2"]
-    assert reconstruction._flat_range(model, conv2) is None  # also a graph output
+    assert reconstruction._flat_range(GraphIndex(model), conv2) is None  # also a graph output
     model = _relu_head_net("clip")
     clip = GraphIndex(model).nodes["act"]
     clip.input[2] = "r1"  # a computed bound
-    assert reconstruction._flat_range(model, GraphIndex(model).nodes["conv2"]) is None
+    assert reconstruction._flat_range(GraphIndex(model), GraphIndex(model).nodes["conv2"]) is None
 
 
 def test_reconstruction_keeps_the_sample_task(tmp_path: Path):

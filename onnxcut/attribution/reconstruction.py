@@ -80,19 +80,23 @@ def reconstruct(
     targets: dict[str, list[np.ndarray]] = {name: [] for name in order}
     # A Gemm after a global average pool with more inputs than there are images is fit per
     # position of the pooled map (see `_pooled_map`); every other layer on its own output.
+    index = GraphIndex(proto)  # the original graph: the refits below change weights only
     pooled = {
-        name: _pooled_map(proto, nodes[name])
-        if _features(proto, nodes[name], readers) >= len(paths)
+        name: _pooled_map(index, nodes[name])
+        if _features(index, nodes[name], readers) >= len(paths)
         else None
         for name in order
     }
+    heads = {name: _gemm(index, nodes[name]) for name in order if pooled[name]}
+    # A pooled Gemm is fit per position: an activation after it acts on the mean.
+    flats = {name: None if pooled[name] else _flat_range(index, nodes[name]) for name in order}
     outputs = [pooled[name] or nodes[name].output[0] for name in order]
     for start, batch in run_batches(proto, outputs, paths, pre, provider, threads, _PURPOSE):
         for name, y in zip(order, batch, strict=True):
             n, r, c = draws[name].positions(start, len(y), y.shape[2:])
             sampled = y[n, :, r, c] if y.ndim == 4 else y[n]  # (samples, channels)
             if pooled[name]:
-                sampled = _gemm(proto, nodes[name], sampled)
+                sampled = heads[name](sampled)
             targets[name].append(sampled)  # (samples, outputs)
     cut_nodes = {n.name: n for n in cut.graph.node}
     weights = {t.name: t for t in proto.graph.initializer}  # the originals: shapes only
@@ -107,9 +111,7 @@ def reconstruct(
             where = draws[name].positions(start, len(x))
             feats.append(_windows(node, x, removed, kernel, where))
         feats, target = np.concatenate(feats), np.concatenate(targets.pop(name))
-        # A pooled Gemm is fit per position: an activation after it acts on the mean.
-        flat = None if pooled[name] else _flat_range(proto, node)
-        _refit(proto, node, feats, target, removed, flat)
+        _refit(proto, node, feats, target, removed, flats[name])
         _copy_inputs(proto, node, cut, cut_nodes[name])
         if progress:
             progress(i + 1, len(order))
@@ -183,7 +185,7 @@ def _windows(node, x: np.ndarray, removed, kernel, where) -> np.ndarray:
 _FLATTENING = ("Flatten", "Reshape", "Squeeze")
 
 
-def _pooled_map(proto: ModelProto, node) -> str | None:
+def _pooled_map(index: GraphIndex, node) -> str | None:
     """The 4-D map a Gemm reads through GlobalAveragePool (or ReduceMean over both spatial
     axes) and a flatten, or None.
 
@@ -197,7 +199,6 @@ def _pooled_map(proto: ModelProto, node) -> str | None:
     """
     if node.op_type != "Gemm" or any(a.name == "transA" and a.i for a in node.attribute):
         return None
-    index = GraphIndex(proto)
     producer = index.producer.get(node.input[0])
     while producer is not None and producer.op_type in _FLATTENING:
         producer = index.producer.get(producer.input[0])
@@ -271,11 +272,10 @@ def _through_batch_norm(index: GraphIndex, bn, bounds):
     return np.where(s > 0, low, high), np.where(s > 0, high, low)
 
 
-def _flat_range(proto: ModelProto, node):
+def _flat_range(index: GraphIndex, node):
     """(lo, hi), scalars or per output channel, when the layer's output feeds only a flat
     activation (ReLU, constant Clip, HardSwish, HardSigmoid), directly or through an
     inference-mode BatchNormalization that nothing else reads; None otherwise."""
-    index = GraphIndex(proto)
     out, bn = node.output[0], None
     readers = index.consumers.get(out, [])
     if (
@@ -293,22 +293,20 @@ def _flat_range(proto: ModelProto, node):
     return _through_batch_norm(index, bn, bounds)
 
 
-def _features(proto: ModelProto, node, readers: dict) -> int:
+def _features(index: GraphIndex, node, readers: dict) -> int:
     """The inputs a layer keeps: the unknowns per output of its refit, bias aside."""
-    weight = next(t for t in proto.graph.initializer if t.name == node.input[1])
     removed = readers[node.name][2] if node.name in readers else ()
-    return _inputs(node, numpy_helper.to_array(weight)) - len(removed)
+    return _inputs(node, index.shape(node.input[1])) - len(removed)
 
 
-def _gemm(proto: ModelProto, node, x: np.ndarray) -> np.ndarray:
-    """The Gemm's output for rows `x` (samples, inputs), computed here: alpha x B' + beta C."""
-    inits = {t.name: t for t in proto.graph.initializer}
+def _gemm(index: GraphIndex, node) -> Callable[[np.ndarray], np.ndarray]:
+    """The original Gemm as a function of rows x (samples, inputs): alpha x B' + beta C."""
     a = {v.name: helper.get_attribute_value(v) for v in node.attribute}
-    b = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
-    y = float(a.get("alpha", 1.0)) * (x.astype(np.float64) @ (b.T if a.get("transB") else b))
-    if len(node.input) > 2 and node.input[2]:
-        y += float(a.get("beta", 1.0)) * numpy_helper.to_array(inits[node.input[2]])
-    return y
+    b = index.const(node.input[1]).astype(np.float64)
+    b = float(a.get("alpha", 1.0)) * (b.T if a.get("transB") else b)
+    c = index.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    c = 0.0 if c is None else float(a.get("beta", 1.0)) * c.astype(np.float64)
+    return lambda x: x.astype(np.float64) @ b + c
 
 
 def _drop_unread(proto: ModelProto) -> None:
@@ -334,7 +332,7 @@ def _refit(
     inits = {t.name: t for t in proto.graph.initializer}
     weight = numpy_helper.to_array(inits[node.input[1]])
     a = {v.name: helper.get_attribute_value(v) for v in node.attribute}
-    kept = np.setdiff1d(np.arange(_inputs(node, weight)), removed)
+    kept = np.setdiff1d(np.arange(_inputs(node, weight.shape)), removed)
     target = target.astype(np.float64)
     design = np.concatenate([feats, np.ones((len(feats), 1))], axis=1)
     normal = design.T @ design
@@ -367,11 +365,12 @@ def _refit(
     _replace(proto, node, 2, bias.reshape(shape).astype(weight.dtype), inits)
 
 
-def _inputs(node, weight: np.ndarray) -> int:
+def _inputs(node, shape) -> int:
+    """Input channels (Conv) or features (Gemm) of a weight of `shape`."""
     if node.op_type == "Conv":
-        return weight.shape[1]
+        return shape[1]
     transposed = any(a.name == "transB" and a.i for a in node.attribute)
-    return weight.shape[1] if transposed else weight.shape[0]
+    return shape[1] if transposed else shape[0]
 
 
 def _copy_inputs(source: ModelProto, node, target: ModelProto, twin) -> None:
