@@ -135,6 +135,13 @@ def _check_structure(proto: ModelProto, source: str) -> None:
         )
 
 
+def copy_model(model: ModelProto) -> ModelProto:
+    """A deep copy, for a pass that changes the graph while the caller keeps the original."""
+    new = ModelProto()
+    new.CopyFrom(model)
+    return new
+
+
 def opset_version(model: ModelProto) -> int:
     """Return the default-domain ("" or "ai.onnx") opset version."""
     for entry in model.opset_import:
@@ -284,8 +291,7 @@ class GraphIndex:
 
 def expose_tensors(model: ModelProto, names: Iterable[str]) -> ModelProto:
     """Return a copy whose graph outputs also include the given intermediate tensors."""
-    new = ModelProto()
-    new.CopyFrom(model)
+    new = copy_model(model)
     index = GraphIndex(new)
     have = set(index.outputs)
     for name in dict.fromkeys(names):

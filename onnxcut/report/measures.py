@@ -19,6 +19,7 @@ from onnx import ModelProto
 
 from onnxcut.attribution.scores import Scores
 from onnxcut.channels.plan import Plan
+from onnxcut.graph.io import copy_model
 
 _WARMUP = 5  # runs per model before timing: the first ones pick kernels and allocate
 
@@ -182,7 +183,7 @@ def size(model: ModelProto) -> dict[str, int | None]:
     from onnxcut.channels.inspection import count_params, layers
     from onnxcut.graph.shapes import default_batch_inplace, infer_shapes
 
-    model = _copy(model)
+    model = copy_model(model)
     if default_batch_inplace(model):
         infer_shapes(model)
     table = layers(model)
@@ -217,9 +218,3 @@ def latency_ms(models: list[ModelProto], runs: int = 20, threads: int | None = N
             if i >= _WARMUP:
                 out.append((time.perf_counter() - t0) * 1e3)
     return [statistics.median(t) for t in times]
-
-
-def _copy(model: ModelProto) -> ModelProto:
-    out = ModelProto()
-    out.CopyFrom(model)
-    return out

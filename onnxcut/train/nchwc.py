@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
-from onnxcut.graph.io import GraphIndex
+from onnxcut.graph.io import GraphIndex, copy_model
 from onnxcut.graph.shapes import infer_shapes
 from onnxcut.runtime import onnxruntime
 from onnxcut.train.builder import Builder
@@ -71,12 +71,14 @@ def block() -> int | None:
 
 
 def blocked(model: ModelProto, size: int | None = None) -> ModelProto:
-    """Rewrite the dense 2-D Convs whose weight is not a constant, and the stride-1
-    ConvTransposes of input gradients, into blocked Convs; return `model` (changed in place)."""
+    """A copy of `model` whose dense 2-D Convs with a weight that is not a constant, and
+    stride-1 ConvTransposes of input gradients, are blocked Convs; `model` is not changed
+    (and is what comes back where this CPU has no blocked kernels)."""
     size = size or block()
     if size is None:
         return model
-    ctx = _Context(Builder("nchwc"), GraphIndex(infer_shapes(model)), size)
+    model = infer_shapes(copy_model(model))  # the training graph keeps no value_info
+    ctx = _Context(Builder("nchwc"), GraphIndex(model), size)
     out: list[NodeProto] = []
     changed = False
     for node in model.graph.node:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnx import ModelProto
 
 from onnxcut.errors import OutputError, TrainError
 from onnxcut.runtime import onnxruntime, session
@@ -29,12 +28,6 @@ from onnxcut.train.nchwc import blocked
 from onnxcut.train.optimizers import Optimizer
 
 _DEVICES = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
-
-
-def _copy(model: ModelProto) -> ModelProto:
-    out = ModelProto()
-    out.CopyFrom(model)
-    return out
 
 
 class Trainer:
@@ -53,9 +46,7 @@ class Trainer:
         self.optimizer = optimizer
         self.step_count = 0
         # TensorRT cannot build engines for a backward graph; its CUDA fallback runs it.
-        model = graph.model
-        if provider == "cpu":
-            model = blocked(_copy(model))
+        model = blocked(graph.model) if provider == "cpu" else graph.model
         self._session = session(model, "cuda" if provider == "tensorrt" else provider, threads)
         self._ort = onnxruntime()
         self._device = _DEVICES[provider]
