@@ -156,8 +156,8 @@ def build_plan(
     refit_on = (reconstruct, reconstruct_images) if reconstruct is not None else None
     if confidence is not None and min_agreement is None:
         raise DataError("--confidence bounds --min-agreement's agreement: give --min-agreement")
-    guard = {"allow_full": allow_full, "confidence": 0.95 if confidence is None else confidence}
-    guard["confidence"] = guard["confidence"] or None  # 0: the agreement on --data alone
+    confidence = 0.95 if confidence is None else confidence
+    guard = {"allow_full": allow_full, "confidence": confidence or None}  # 0: on --data alone
     plan = _select(proto, scores, sel, min_agreement, agreement_data, guard, refit_on)
     if compensate is None:
         return plan
