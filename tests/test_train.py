@@ -467,3 +467,19 @@ def test_teacher_target_is_the_tempered_softmax_over_the_kept_categories(opset: 
     z = np.concatenate([forward.run(None, {teacher.input: x[i : i + 1]})[0] for i in range(3)])
     np.testing.assert_allclose(feeds[TARGET], _softmax(z[:, [0, 2]] / 2.0), rtol=1e-5, atol=1e-6)
     assert feeds[SCALE] == pytest.approx(2.0 * 0.5 / (2 * 8 * 8))
+
+
+def test_initializers_listed_as_inputs_are_declared_once():
+    """Old exports (IR 3) list every initializer as a graph input: the training graph
+    declares each parameter once, and onnxruntime loads it."""
+    model = seg_net()
+    model.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in model.graph.initializer
+    )
+    model = load(model)
+    params = trainable(model)
+    graph = build(model, model.graph.output[0].name, 1, params, batch=2)
+    names = [i.name for i in graph.model.graph.input]
+    assert len(names) == len(set(names)) and set(params) <= set(names)
+    session(graph.model)  # raised "Duplicate definition-site" before

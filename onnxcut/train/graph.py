@@ -151,6 +151,10 @@ def _inputs_from_initializers(model: ModelProto, params: Sequence[str]) -> dict[
     kept = [t for t in model.graph.initializer if t.name not in wanted]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
+    # Old exports (IR 3) list initializers as inputs already: declare each parameter once.
+    others = [i for i in model.graph.input if i.name not in wanted]
+    del model.graph.input[:]
+    model.graph.input.extend(others)
     model.graph.input.extend(
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved
     )
