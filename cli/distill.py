@@ -51,6 +51,7 @@ from onnxcut.cli.options import (
 @click.option("--label-weight", type=float, default=0.5, show_default=True)
 @click.option("--val", type=click.Path(), help="Print agreement with the teacher per epoch.")
 @click.option("--checkpoint-every", type=int, default=50, show_default=True, help="Steps.")
+@click.option("--category-axis", type=int, help="Category axis of the category output (default 1).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu")
 @click.option("--threads", type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint.")
@@ -85,6 +86,7 @@ def distill_cmd(model, teachers, data_dir, out, **kw) -> None:
         preprocess_file=kw["preprocess_file"],
         preprocess=preprocess_overrides(**pre),
         input_shapes=parse_input_shapes(kw["input_shapes"]),
+        category_axis=kw["category_axis"],
     )
     teacher = teachers[0]
     if len(teachers) > 1:

@@ -483,3 +483,32 @@ def test_initializers_listed_as_inputs_are_declared_once():
     names = [i.name for i in graph.model.graph.input]
     assert len(names) == len(set(names)) and set(params) <= set(names)
     session(graph.model)  # raised "Duplicate definition-site" before
+
+
+@pytest.mark.parametrize("name", ["nhwc/seg", "tflite/seg"])
+def test_distill_a_channels_last_segmenter_with_its_category_axis(name: str, tmp_path: Path):
+    """A TFLite-style segmenter puts categories last: `--category-axis 3` finds them for the
+    student, the teacher and the --val agreement alike; without it the student's output is
+    read on the wrong axis and the error says so in one line."""
+    from corpus.survey import invoke, write_data
+    from corpus.variants import VARIANTS
+
+    variant = VARIANTS[name]
+    model = tmp_path / "model.onnx"
+    onnx.save(variant.build(), model)
+    images = write_data(tmp_path, variant.task)["images"]
+    scores, cut, out = tmp_path / "s.npz", tmp_path / "cut.onnx", tmp_path / "d.onnx"
+    axis = ["--category-axis", "3"]
+    for args in (
+        ["attribute", model, "--data", images, "-o", scores, "--tau", "0.3", *axis],
+        ["extract", model, "--scores", scores, "--classes", "1,2", "-o", cut],
+    ):
+        assert invoke(args).cell == "ok"
+    distill_args = ["distill", cut, "--teacher", model, "--data", images, "--batch", "2"]
+    refused = invoke([*distill_args, "-o", out])
+    assert refused.cell == "exit 2" and "does not describe output" in refused.output
+    assert not out.exists()
+    done = invoke([*distill_args, "--val", images, *axis, "-o", out])
+    assert done.cell == "ok", done.output
+    meta = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}[DISTILL_KEY])
+    assert meta["images"] == 4 and 0 <= meta["agreement"][0] <= 1

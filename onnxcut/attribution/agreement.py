@@ -50,9 +50,11 @@ class AgreementCheck:
         threads: int | None = None,
         limit: int | None = None,
         background: int | None = None,
+        category_axis: int | None = None,
     ):
         original = load(original)
-        head = find_head(original)
+        self.category_axis = category_axis  # None: axis 1 (find_head)
+        head = find_head(original, axis=category_axis)
         # The original may itself be a sub-network: name its outputs by original category.
         names = np.array(output_categories(original, head) or range(head.n_categories))
         self.categories = list(categories)
@@ -104,7 +106,7 @@ class AgreementCheck:
         """(images, k, k) confusion matrices, original x sub over the counted positions,
         one an image (the bootstrap resamples images); and whether the head is spatial."""
         sub = load(sub)
-        head = find_head(sub)
+        head = find_head(sub, axis=self.category_axis)
         cats = output_categories(sub, head) or list(range(head.n_categories))
         missing = sorted(set(self.categories) - set(cats))
         if missing:

@@ -68,6 +68,7 @@ class DistillOptions:
     preprocess_file: str | None = None
     preprocess: Mapping[str, Any] = field(default_factory=dict)
     input_shapes: Mapping[str, Sequence[int]] | None = None
+    category_axis: int | None = None  # of the category output, student and teacher (default 1)
 
     def check(self) -> None:
         if not self.lr > 0:
@@ -110,8 +111,8 @@ def distill(
     s = load(student, opts.input_shapes)
     t = load(teacher, opts.input_shapes)
     _check_inputs(s, t, student, teacher)
-    head = find_head(s)
-    mapping = _category_map(s, head, t, find_head(t))
+    head = find_head(s, axis=opts.category_axis)
+    mapping = _category_map(s, head, t, find_head(t, axis=opts.category_axis))
     pre = data.fit_to_model(data.preprocess_from(s, opts.preprocess_file, opts.preprocess), s)
     paths = data.list_images(images)
     masks = _mask_reader(opts, head, mapping, images) if opts.masks else None
@@ -147,6 +148,7 @@ def distill(
         weight=1.0 - opts.label_weight if masks is not None else 1.0,
         provider=opts.provider,
         threads=opts.threads,
+        category_axis=opts.category_axis,
     )
     ckpt = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(s, t, opts, paths)
@@ -211,6 +213,7 @@ def distill(
                 background=0 if head.spatial and 0 in mapping.categories else None,
                 provider=opts.provider,
                 threads=opts.threads,
+                category_axis=opts.category_axis,
             )
         reports.append(report)
         if on_epoch is not None:

@@ -36,8 +36,9 @@ class Teacher:
         weight: float = 1.0,
         provider: str = "cpu",
         threads: int | None = None,
+        category_axis: int | None = None,
     ):
-        head = find_head(model)
+        head = find_head(model, axis=category_axis)
         m = ModelProto()
         m.CopyFrom(model)
         self.input = graph_inputs(m)[0].name
