@@ -27,7 +27,7 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from onnxcut.channels.compensation import add_bias_deltas
 from onnxcut.channels.deps import ChannelTrace, trace
-from onnxcut.channels.inspection import require_layers
+from onnxcut.channels.inspection import LAYER_OPS, require_layers
 from onnxcut.channels.plan import Plan, PlanLike, as_plan, resolve
 from onnxcut.channels.registry import ConstSlice, EditContext
 from onnxcut.errors import ModelError
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CATEGORIES_KEY = "onnxcut.categories"
 SELECTION_KEY = "onnxcut.selection"
+KEPT_KEY = "onnxcut.kept"  # layer inputs -> the original channels they keep (distill's hints)
 ModelLike = ModelProto | str | os.PathLike[str]
 Shapes = Mapping[str, Sequence[int]]
 
@@ -53,6 +54,7 @@ def extract(model: ModelLike, plan: PlanLike, *, input_shapes: Shapes | None = N
     cut.apply()
     cut.finish_shapes()
     _record_categories(proto, channels, kept, plan)
+    _record_kept(proto, channels, kept)
     if plan.selection:  # how the plan was chosen: a budget, an agreement guard
         _set_meta(proto, SELECTION_KEY, json.dumps(plan.selection, sort_keys=True))
     _check_result(proto, model, input_shapes)
@@ -316,6 +318,48 @@ def kept_positions(channels: ChannelTrace, kept_class: np.ndarray, tensor: str) 
     """Original indices along a tensor's channel axis that a resolved plan keeps."""
     cmap = channels.maps[tensor]
     return np.flatnonzero(kept_class[channels.slot_class[cmap.slots]])
+
+
+def _record_kept(model: ModelProto, channels: ChannelTrace, kept: np.ndarray) -> None:
+    """Store, for each computed tensor a layer reads as its data, the original channels it
+    keeps along its channel axis, composed with any earlier cut, so `distill` can match a
+    sub-network's features to its original's. Tensors sharing a selection share one list:
+    {"kept": [[index, ...], ...], "tensors": {name: [axis, list number]}}.
+    """
+    earlier = read_kept(model)
+    computed = {o for n in model.graph.node if n.op_type != "Constant" for o in n.output}
+    lists: dict[tuple[int, ...], int] = {}
+    tensors: dict[str, list[int]] = {}
+    for node in model.graph.node:
+        name = node.input[0] if node.input else ""
+        cmap = channels.maps.get(name)
+        if node.op_type not in LAYER_OPS or name not in computed or cmap is None:
+            continue
+        positions = kept_positions(channels, kept, name)
+        before = earlier.get(name)
+        if before is not None and len(before[1]) == len(cmap.slots):
+            positions = np.asarray(before[1])[positions]
+        key = tuple(int(p) for p in positions)
+        tensors[name] = [cmap.axis, lists.setdefault(key, len(lists))]
+    if tensors:
+        value = json.dumps({"kept": [list(k) for k in lists], "tensors": tensors})
+        _set_meta(model, KEPT_KEY, value)
+
+
+def read_kept(model: ModelProto) -> dict[str, tuple[int, list[int]]]:
+    """{tensor: (channel axis, kept original channels)} from `onnxcut.kept`, or {}."""
+    props = {p.key: p.value for p in model.metadata_props}
+    if KEPT_KEY not in props:
+        return {}
+    try:
+        value = json.loads(props[KEPT_KEY])
+        return {
+            name: (int(axis), [int(i) for i in value["kept"][k]])
+            for name, (axis, k) in value["tensors"].items()
+        }
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+        log.warning("ignoring unreadable %s metadata", KEPT_KEY)
+        return {}
 
 
 def _record_categories(
