@@ -39,6 +39,14 @@ from onnxcut.cli.options import (
     show_default=True,
     help="Share of the first epoch's steps over which the learning rate rises to --lr.",
 )
+@click.option(
+    "--hints",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Weight of feature hints: match each layer input to the teacher's kept channels "
+    "(needs a student made by extract). 0: the output loss only.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the image order.")
 @click.option(
     "--freeze",
@@ -74,6 +82,7 @@ def distill_cmd(model, teachers, data_dir, out, **kw) -> None:
         batch=kw["batch"],
         temperature=kw["temperature"],
         warmup=kw["warmup"],
+        hints=kw["hints"],
         seed=kw["seed"],
         freeze=tuple(kw["freeze"]),
         freeze_ops=tuple(kw["freeze_op"]),

@@ -14,15 +14,16 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from onnxcut.channels.surgery import extract
+from onnxcut.channels.surgery import extract, read_kept
 from onnxcut.cli.main import cli
 from onnxcut.errors import DataError, ModelError, TrainError, UnsupportedOpError
-from onnxcut.graph.io import load, save
+from onnxcut.graph.io import GraphIndex, load, save
+from onnxcut.graph.shapes import infer_shapes
 from onnxcut.runtime import session
 from onnxcut.train import DistillOptions, Optimizer, build, distill, trainable
 from onnxcut.train.distill import DISTILL_KEY
 from onnxcut.train.graph import LOSS, WEIGHTS, updated
-from onnxcut.train.losses import SCALE, TARGET
+from onnxcut.train.losses import SCALE, TARGET, hint_scale, hint_target
 from onnxcut.train.optimizers import CORRECTION, LR
 
 from conftest import ROOT, conv_bn_net, copy_images, sample_model
@@ -70,19 +71,29 @@ def _softmax(z: np.ndarray, axis: int = 1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def test_training_graph_gradients_match_finite_differences():
+def _hint_tensors(model: onnx.ModelProto) -> list[str]:
+    """Two inner tensors of seg_net: after the PRelu, and the spelled hard-swish's output."""
+    ops = [n for n in model.graph.node if n.op_type in ("PRelu", "Div")]
+    return [ops[0].output[0], ops[-1].output[0]]
+
+
+@pytest.mark.parametrize("hints", [False, True])
+def test_training_graph_gradients_match_finite_differences(hints: bool):
     """One SGD step with lr 1 and no momentum gives p - dL/dp; check dL/dp by central
-    differences of the graph's own loss, for every parameter kind."""
+    differences of the graph's own loss, for every parameter kind, with feature hints at two
+    inner tensors too (their seeds join the output's on the way back)."""
     model = load(seg_net())
     params = trainable(model)
     opt = Optimizer("sgd", lr=1.0, momentum=0.0)
     out = model.graph.output[0].name
-    graph = build(model, out, 1, params, temperature=2.0, optimizer=opt, batch=2)
+    tensors = _hint_tensors(model) if hints else []
+    graph = build(model, out, 1, params, temperature=2.0, optimizer=opt, batch=2, hints=tensors)
     sess = session(graph.model, optimize=False)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     target = _softmax(rng.standard_normal((2, 3, 8, 8)).astype(np.float32) * 2)
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    shapes = GraphIndex(infer_shapes(graph.model))
     feeds = {
         graph.data: x,
         TARGET: target,
@@ -92,6 +103,10 @@ def test_training_graph_gradients_match_finite_differences():
         **{p: values[p] for p in params},
         **{s: np.zeros_like(values[s.split("/", 2)[2]]) for s in graph.states},
     }
+    for t in tensors:
+        shape = shapes.shape(hint_target(t))
+        feeds[hint_target(t)] = rng.standard_normal(shape).astype(np.float32)
+        feeds[hint_scale(t)] = np.array(0.05, np.float32)
 
     def loss(p: str, v: np.ndarray) -> float:
         return float(sess.run([LOSS], {**feeds, p: v})[0])
@@ -253,6 +268,66 @@ def test_resume_refuses_a_checkpoint_of_another_run(student: Path, images: Path,
         distill(student, sample_model(SEG), images, other, checkpoint=ckpt, resume=True)
 
 
+def test_extract_records_the_kept_channels_of_layer_inputs_composed_over_cuts(student: Path):
+    kept = read_kept(load(student))
+    model = load(sample_model(SEG))
+    first = next(n for n in model.graph.node if n.op_type == "Conv")
+    relu = next(n for n in model.graph.node if first.output[0] in n.input)
+    assert kept[relu.output[0]] == (1, list(range(0, 16, 2)))
+    # Every recorded tensor is a layer's data input in the student, of the recorded width.
+    index = GraphIndex(load(student))
+    readers = {n.input[0] for n in load(student).graph.node if n.op_type == "Conv"}
+    assert set(kept) <= readers and len(kept) > 5
+    for name, (axis, channels) in kept.items():
+        assert index.shape(name)[axis] == len(channels), name
+    # Cut the student again: indices stay the original model's.
+    again = extract(
+        load(student), {"format": "onnxcut.plan/1", "keep": {first.name: [1, 3]}, "outputs": {}}
+    )
+    assert read_kept(again)[relu.output[0]] == (1, [2, 6])
+
+
+def test_teacher_gives_the_kept_channels_of_each_hint_and_its_scale():
+    from onnxcut.train.hints import Hint
+    from onnxcut.train.teacher import Teacher
+
+    model = load(seg_net())
+    name = _hint_tensors(model)[1]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+    )
+    hints = {name: Hint(1, (0, 3, 5), 4)}
+    teacher = Teacher(model, [0, 2], "softmax", 1.0, hints=hints, hint_weight=2.0)
+    x = np.random.default_rng(5).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    feeds = teacher.feeds(x, real=2)
+    forward = session(probe)
+    f = np.concatenate([forward.run([name], {teacher.input: x[i : i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(feeds[hint_target(name)], f[:, [0, 3, 5]], rtol=1e-5, atol=1e-6)
+    want = 2.0 / float(np.square(f[:2, [0, 3, 5]].astype(np.float64)).sum())
+    assert feeds[hint_scale(name)] == pytest.approx(want, rel=1e-4)
+
+
+def test_distill_with_hints_trains_on_the_features_and_records_the_weight(
+    student: Path, images: Path
+):
+    opts = DistillOptions(batch=8, lr=1e-3, epochs=2, threads=1, hints=1.0)
+    reports = []
+    out = distill(student, sample_model(SEG), images, opts, on_epoch=reports.append)
+    meta = json.loads({p.key: p.value for p in out.metadata_props}[DISTILL_KEY])
+    assert meta["hints"] == 1.0 and reports[-1].loss < reports[0].loss
+    plain = distill(student, sample_model(SEG), images, dataclasses.replace(opts, hints=0.0))
+    # The hint terms add to the loss (the cut layers' inputs differ from the teacher's).
+    assert (
+        meta["final_loss"]
+        > json.loads({p.key: p.value for p in plain.metadata_props}[DISTILL_KEY])["final_loss"]
+    )
+    # Exactly the student's weights change, by other steps than without hints.
+    assert _weights(out).keys() == _weights(plain).keys()
+    assert any(not np.array_equal(_weights(out)[k], _weights(plain)[k]) for k in _weights(out))
+
+
 def test_label_masks_mix_in(student: Path, images: Path):
     opts = DistillOptions(batch=8, lr=1e-3, threads=1, masks=str(SCENES / "masks"))
     out = distill(student, sample_model(SEG), images, opts)
@@ -309,6 +384,24 @@ def test_bad_inputs_raise_user_errors(student: Path, images: Path, tmp_path: Pat
     )
     with pytest.raises(ModelError, match=r"student categories \[4, 6\] are not among"):
         _bad(student, other, images)()
+    with pytest.raises(DataError, match=r"--hints -1\.0: a loss weight"):
+        _bad(student, teacher, images, hints=-1.0)()
+    bare = load(student)
+    kept = [p for p in bare.metadata_props if p.key != "onnxcut.kept"]
+    del bare.metadata_props[:]
+    bare.metadata_props.extend(kept)
+    with pytest.raises(ModelError, match=r"no onnxcut\.kept metadata.*drop --hints"):
+        _bad(bare, teacher, images, hints=1.0)()
+    # A teacher whose inner tensors have other names: nothing to match the features to.
+    renamed = load(teacher)
+    outer = {v.name for v in [*renamed.graph.input, *renamed.graph.output]}
+    outer |= {i.name for i in renamed.graph.initializer}
+    for node in renamed.graph.node:
+        node.input[:] = [i if i in outer or not i else i + "_x" for i in node.input]
+        node.output[:] = [o if o in outer else o + "_x" for o in node.output]
+    del renamed.graph.value_info[:]
+    with pytest.raises(ModelError, match=r"none of the student's onnxcut\.kept tensors matches"):
+        _bad(student, renamed, images, hints=1.0)()
 
 
 def test_op_without_a_rule_on_a_trained_path_names_node_and_freeze(tmp_path: Path):
@@ -337,6 +430,7 @@ def test_cli_distill_writes_the_model_and_errors_are_one_line(
     for extra, text in [
         (["--lr", "-1"], "learning rate must be above 0"),
         (["--warmup", "-0.1"], "a share of the first epoch"),
+        (["--hints", "-2"], "a loss weight, 0 or above"),
         (["--data", str(tmp_path / "nowhere")], "not a folder of images"),
     ]:
         bad = tmp_path / "bad.onnx"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import onnx
 from onnx import ModelProto, NodeProto, helper, version_converter
@@ -55,6 +55,7 @@ def backward(
     *,
     repeats: str | None = None,
     params: Sequence[str] = (),
+    seeds: Mapping[str, str] | None = None,
 ) -> tuple[ModelProto, dict[str, str]]:
     """Append the gradient of `output`, seeded by tensor `seed`, w.r.t. each `wrt` tensor.
 
@@ -63,8 +64,9 @@ def backward(
     batch; a node that would mix the K copies raises BatchError, and a gradient output may be
     shaped (K, N, ...) instead of (K*N, ...). `params` names graph inputs that are weights,
     not data: they carry no batch axis, and their gradients sum over the batch (and the K
-    copies). Returns a new model whose extra outputs are the gradients, and {wrt: gradient
-    name}.
+    copies). `seeds` adds {tensor: seed} terms for a loss that also reads tensors upstream of
+    `output` (feature hints); each tensor must lead to `output`. Returns a new model whose
+    extra outputs are the gradients, and {wrt: gradient name}.
     """
     assert opset_version(model) >= MIN_OPSET, "call prepare() first"
     new = ModelProto()
@@ -84,6 +86,10 @@ def backward(
     batch = (index.shape(output) or [None])[0]
     emitter.set_batch(batch)
     grads: dict[str, list[str]] = {output: [seed]}
+    for name, extra in (seeds or {}).items():
+        if name not in relevant:
+            raise ModelError(f"tensor '{name}' does not lead to output '{output}'")
+        grads.setdefault(name, []).append(extra)
     path = [
         n
         for n in index.graph.node

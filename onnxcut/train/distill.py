@@ -37,6 +37,7 @@ from onnxcut.errors import DataError, ModelError, TrainError
 from onnxcut.graph.io import load
 from onnxcut.graph.shapes import dims, graph_inputs
 from onnxcut.train.graph import WEIGHTS, build
+from onnxcut.train.hints import match_hints
 from onnxcut.train.losses import LABEL_SCALE, LABELS, TARGET
 from onnxcut.train.optimizers import OPTIMIZERS, Optimizer
 from onnxcut.train.params import trainable
@@ -69,6 +70,7 @@ class DistillOptions:
     preprocess: Mapping[str, Any] = field(default_factory=dict)
     input_shapes: Mapping[str, Sequence[int]] | None = None
     category_axis: int | None = None  # of the category output, student and teacher (default 1)
+    hints: float = 0.0  # weight of the feature hints (0: output loss only)
 
     def check(self) -> None:
         if not self.lr > 0:
@@ -81,6 +83,8 @@ class DistillOptions:
             raise DataError(f"--warmup {self.warmup}: a share of the first epoch, 0 to 1")
         if self.optimizer not in OPTIMIZERS:
             raise DataError(f"optimizer '{self.optimizer}': use {', '.join(OPTIMIZERS)}")
+        if not self.hints >= 0:
+            raise DataError(f"--hints {self.hints}: a loss weight, 0 or above")
         if not 0 <= self.label_weight <= 1:
             raise DataError(f"--label-weight {self.label_weight}: must lie in [0, 1]")
 
@@ -125,6 +129,7 @@ def distill(
     warmup = round(opts.warmup * steps_per_epoch)
     optimizer = Optimizer(opts.optimizer, opts.lr, warmup=warmup)
     batch_size = min(opts.batch, len(paths))
+    hints = match_hints(s, t, params, head.score) if opts.hints > 0 else {}
     graph = build(
         s,
         head.score,
@@ -135,6 +140,7 @@ def distill(
         optimizer=optimizer,
         labels=masks is not None,
         batch=batch_size,
+        hints=list(hints),
     )
     from onnxcut.train.trainer import Trainer  # imports onnxruntime
 
@@ -149,6 +155,8 @@ def distill(
         provider=opts.provider,
         threads=opts.threads,
         category_axis=opts.category_axis,
+        hints=hints,
+        hint_weight=opts.hints,
     )
     ckpt = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(s, t, opts, paths)
@@ -354,6 +362,7 @@ def _record(model: ModelProto, opts, reports: list[EpochReport], images: int, lo
         "warmup": opts.warmup,
         "optimizer": opts.optimizer,
         "temperature": opts.temperature,
+        "hints": opts.hints,
         "labels": bool(opts.masks),
         "final_loss": loss,
         "agreement": [r.agreement for r in reports] if opts.val else None,

@@ -18,7 +18,18 @@ from onnxcut.grad.backward import backward, prepare
 from onnxcut.graph.io import GraphIndex, opset_version
 from onnxcut.graph.shapes import graph_inputs, infer_shapes
 from onnxcut.train.builder import PREFIX, Builder
-from onnxcut.train.losses import LABEL_SCALE, LABELS, LOSSES, SCALE, TARGET, with_labels
+from onnxcut.train.losses import (
+    LABEL_SCALE,
+    LABELS,
+    LOSSES,
+    SCALE,
+    TARGET,
+    LossTerms,
+    hint,
+    hint_scale,
+    hint_target,
+    with_labels,
+)
 from onnxcut.train.optimizers import CORRECTION, LR, OPTIMIZERS, Optimizer
 
 LOSS = PREFIX + "loss"
@@ -45,6 +56,7 @@ class TrainGraph:
     scalars: list[str]  # fed per step: loss scales and optimizer scalars
     labels: bool = False
     shapes: dict[str, list[int]] = field(default_factory=dict)  # params and states
+    hints: list[str] = field(default_factory=list)  # student tensors matched to the teacher's
 
     @property
     def carried(self) -> list[str]:
@@ -63,8 +75,10 @@ def build(
     optimizer: Optimizer | None = None,
     labels: bool = False,
     batch: int = 16,
+    hints: Sequence[str] = (),
 ) -> TrainGraph:
-    """Make the training graph of `student` for loss `kind` on tensor `logits`.
+    """Make the training graph of `student` for loss `kind` on tensor `logits`, plus a
+    feature hint at each tensor of `hints` (fed `hint_target` and `hint_scale` per step).
 
     The batch is static (shape rules need every size), so a short last batch is padded and
     its padding rows get weight 0 through the `train/weights` input.
@@ -92,21 +106,38 @@ def build(
             helper.make_tensor_value_info(LABELS, elem, target_dims),
             helper.make_tensor_value_info(LABEL_SCALE, elem, []),
         ]
+    for name in hints:
+        shape = index.shape(name)
+        if shape is None or index.dtype(name) not in (None, TensorProto.FLOAT):
+            raise ModelError(f"hint tensor '{name}' has no known float shape; pass --input-shape")
+        fed += [
+            helper.make_tensor_value_info(hint_target(name), elem, [batch, *shape[1:]]),
+            helper.make_tensor_value_info(hint_scale(name), elem, []),
+        ]
     scalars = [LR, *([CORRECTION] if optimizer.name == "adam" else [])]
     fed += [helper.make_tensor_value_info(s, elem, []) for s in scalars]
     model.graph.input.extend(fed)
     b = Builder("loss", opset=opset_version(model))
-    rows = b.op("Reshape", [WEIGHTS, b.ints([batch, *[1] * (len(logit_dims) - 1)])])
+
+    def rows_for(rank: int) -> str:
+        return b.op("Reshape", [WEIGHTS, b.ints([batch, *[1] * (rank - 1)])])
+
+    rows = rows_for(len(logit_dims))
     terms = LOSSES[kind](b, logits, axis, temperature, rows)
     if labels:
         terms = with_labels(b, terms, logits, axis, rows)
+    seeds = {}
+    for name in hints:
+        term = hint(b, name, rows_for(len(index.shape(name))))
+        terms = LossTerms(b.op("Add", [terms.loss, term.loss]), terms.seed)
+        seeds[name] = term.seed
     # A scalar whatever the reductions' opset gives: the trainer binds a () buffer for it.
     b.op("Reshape", [terms.loss, b.ints([])], LOSS)
     model.graph.node.extend(b.nodes)
     model.graph.initializer.extend(b.inits)
     model = infer_shapes(model)
     try:
-        model, grads = backward(model, logits, list(params), terms.seed, params=params)
+        model, grads = backward(model, logits, list(params), terms.seed, params=params, seeds=seeds)
     except UnsupportedOpError as e:
         reason = str(e).split(": ", 1)[1].split(";")[0]
         raise UnsupportedOpError(
@@ -122,9 +153,10 @@ def build(
         logits,
         list(params),
         states,
-        [SCALE, *([LABEL_SCALE] if labels else []), *scalars],
+        [SCALE, *([LABEL_SCALE] if labels else []), *map(hint_scale, hints), *scalars],
         labels,
         shapes,
+        list(hints),
     )
 
 

@@ -7,6 +7,10 @@ short last batch, broadcast over a position's axes) and a fed scalar `scale`, T 
 positions), so every position of every batch weighs the same (w is left out below):
     softmax  L = T^2 / n sum p (log p - log softmax(z / T))    dL/dz = scale (softmax(z/T) - p)
     sigmoid  L = T^2 / n sum BCE(sigmoid(z / T), p)            dL/dz = scale (sigmoid(z/T) - p)
+Feature hints (FitNets), at student tensors f_i whose kept channels are teacher tensors t_i,
+with h hints, weight `lambda` and fed `hint_scale_i` = lambda / (h sum_real t_i^2):
+    L += sum_i hint_scale_i sum w (f_i - t_i)^2             dL/df_i = 2 hint_scale_i w (f_i - t_i)
+so each hint is its relative squared error over the batch's real rows, whatever its scale.
 With labels (softmax heads), r is the one-hot label map, zero where unlabeled, and
 `label_scale` = weight / labelled positions:
     L += -label_scale sum r log softmax(z)        dL/dz += label_scale (softmax(z) sum_k r - r)
@@ -23,6 +27,15 @@ TARGET = PREFIX + "target"
 SCALE = PREFIX + "scale"
 LABELS = PREFIX + "labels"
 LABEL_SCALE = PREFIX + "label_scale"
+
+
+def hint_target(tensor: str) -> str:
+    """The fed teacher feature (kept channels) a student tensor is matched to."""
+    return f"{PREFIX}hint/{tensor}"
+
+
+def hint_scale(tensor: str) -> str:
+    return f"{PREFIX}hint_scale/{tensor}"
 
 
 @dataclass(frozen=True)
@@ -96,3 +109,13 @@ def with_labels(b: Builder, terms: LossTerms, z: str, axis: int, rows: str) -> L
         b.op("Add", [terms.loss, _total(b, ce, LABEL_SCALE, rows)]),
         b.op("Add", [terms.seed, seed]),
     )
+
+
+def hint(b: Builder, f: str, rows: str) -> LossTerms:
+    """One feature hint: the loss term of student tensor `f` and its seed (dL/df); `rows`
+    broadcasts the per-image weights over f's axes."""
+    diff = b.op("Sub", [f, hint_target(f)])
+    scale = hint_scale(f)
+    weighted = b.op("Mul", [b.op("Mul", [diff, diff]), rows])
+    loss = b.op("Mul", [b.op("ReduceSum", [weighted], keepdims=0), scale])
+    return LossTerms(loss, b.op("Mul", [diff, b.op("Mul", [rows, b.op("Add", [scale, scale])])]))

@@ -1,9 +1,10 @@
 """The teacher's side of distillation: its category output restricted to the student's
-categories, tempered and normalised in its own onnxruntime session."""
+categories, tempered and normalised in its own onnxruntime session, and the features the
+student's hints are matched to (the teacher's tensors at the student's kept channels)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from onnx import ModelProto, numpy_helper
@@ -14,7 +15,8 @@ from onnxcut.graph.shapes import graph_inputs, infer_shapes
 from onnxcut.runtime import session
 from onnxcut.train.builder import Builder
 from onnxcut.train.graph import BATCH, keep_outputs, set_batch
-from onnxcut.train.losses import SCALE, TARGET, softmax_pair
+from onnxcut.train.hints import Hint
+from onnxcut.train.losses import SCALE, TARGET, hint_scale, hint_target, softmax_pair
 
 # loss kind -> the normalisation the student's loss compares against: (builder, x, axis)
 NORMALISE: dict[str, Callable[[Builder, str, int], str]] = {
@@ -37,6 +39,8 @@ class Teacher:
         provider: str = "cpu",
         threads: int | None = None,
         category_axis: int | None = None,
+        hints: Mapping[str, Hint] | None = None,
+        hint_weight: float = 0.0,
     ):
         head = find_head(model, axis=category_axis)
         m = ModelProto()
@@ -50,15 +54,29 @@ class Teacher:
         kept = b.op("Gather", [head.score, index.name], axis=head.axis)
         tempered = b.op("Div", [kept, temp.name])
         b.op("Identity", [NORMALISE[kind](b, tempered, head.axis)], TARGET)
+        self.hints = dict(hints or {})
+        outputs = [TARGET]
+        for name, h in self.hints.items():
+            kept = b.op("Gather", [name, b.ints(h.channels)], hint_target(name), axis=h.axis)
+            square = b.op("Mul", [kept, kept])
+            outputs += [kept, b.reduce("ReduceSum", square, range(1, h.rank), keepdims=0)]
         m.graph.node.extend(b.nodes)
         m.graph.initializer.extend(b.inits)
-        keep_outputs(m, [TARGET])
+        keep_outputs(m, outputs)
         self.axis = head.axis
         self.factor = temperature * weight
+        self.hint_factor = hint_weight / max(len(self.hints), 1)
+        self._outputs = outputs
         self._session = session(infer_shapes(m), provider, threads)
 
     def feeds(self, inputs: np.ndarray, real: int) -> dict[str, np.ndarray]:
-        """Target and scale for a batch whose first `real` rows are images (the rest pad)."""
-        (target,) = self._session.run([TARGET], {self.input: inputs})
+        """Target and scale for a batch whose first `real` rows are images (the rest pad),
+        and each hint's teacher feature and scale."""
+        target, *rest = self._session.run(self._outputs, {self.input: inputs})
         positions = real * (target.size // target.shape[self.axis] // len(target))
-        return {TARGET: target, SCALE: np.float32(self.factor / positions)}
+        feeds = {TARGET: target, SCALE: np.float32(self.factor / positions)}
+        for name, feature, squares in zip(self.hints, rest[::2], rest[1::2], strict=True):
+            total = float(squares[:real].sum(dtype=np.float64))
+            feeds[hint_target(name)] = feature
+            feeds[hint_scale(name)] = np.float32(self.hint_factor / max(total, 1e-12))
+        return feeds

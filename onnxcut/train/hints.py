@@ -1,0 +1,78 @@
+"""Feature hints (FitNets, Romero et al. 2015) for distill: which tensors of a sub-network
+are matched to its original's, and at which channels.
+
+`extract` records, for every layer's data input, the original channels the cut keeps
+(`onnxcut.kept`). A hint pairs such a student tensor with the teacher's tensor of the same
+name at those channels; the loss adds each one's relative squared error (losses.hint). A
+tensor only hints where a trained parameter computes it and the output loss reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from onnx import ModelProto, TensorProto
+
+from onnxcut.channels.surgery import KEPT_KEY, read_kept
+from onnxcut.errors import ModelError
+from onnxcut.graph.io import GraphIndex
+from onnxcut.graph.shapes import infer_shapes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A student tensor's match in the teacher: the same name, these channels on `axis`."""
+
+    axis: int
+    channels: tuple[int, ...]
+    rank: int
+
+
+def match_hints(
+    s: ModelProto, t: ModelProto, params: Sequence[str], logits: str
+) -> dict[str, Hint]:
+    """The student's feature hints: each tensor its `onnxcut.kept` metadata matches to the
+    teacher's tensor of the same name, that a trained parameter computes and the loss reads."""
+    kept = read_kept(s)
+    if not kept:
+        raise ModelError(
+            f"the student has no {KEPT_KEY} metadata to match its features to the teacher's; "
+            "make it with onnxcut extract, or drop --hints"
+        )
+    si, ti = GraphIndex(s), GraphIndex(infer_shapes(t))
+    trained = _reached(si, set(params), forward=True)
+    read = _reached(si, {logits}, forward=False)
+    hints = {}
+    for name, (axis, channels) in kept.items():
+        mine, theirs = si.shape(name), ti.shape(name)
+        if name not in trained or name not in read or mine is None or theirs is None:
+            continue
+        rank = len(mine)
+        axis %= rank
+        count = theirs[axis] if len(theirs) == rank else None
+        if not isinstance(count, int) or count <= max(channels, default=-1):
+            continue
+        if mine[axis] == len(channels) and si.dtype(name) in (None, TensorProto.FLOAT):
+            hints[name] = Hint(axis, tuple(channels), rank)
+    if not hints:
+        raise ModelError(
+            f"none of the student's {KEPT_KEY} tensors matches a tensor of the teacher; pass "
+            "the model the student was cut from as --teacher, or drop --hints"
+        )
+    log.info("feature hints at %d tensors", len(hints))
+    return hints
+
+
+def _reached(index: GraphIndex, start: set[str], *, forward: bool) -> set[str]:
+    """Tensors computed from `start` (forward) or that `start` is computed from."""
+    found = set(start)
+    nodes = index.graph.node if forward else reversed(index.graph.node)
+    for node in nodes:
+        src, dst = (node.input, node.output) if forward else (node.output, node.input)
+        if any(x in found for x in src if x):
+            found.update(x for x in dst if x)
+    return found
