@@ -23,12 +23,11 @@ from onnx import ModelProto, helper, numpy_helper
 
 from onnxcut import data
 from onnxcut.attribution.compensation import in_by_out, readers_of, run_batches
-from onnxcut.channels.compensation import inputs_read
 from onnxcut.channels.plan import PlanLike, as_plan
 from onnxcut.channels.surgery import mask
 from onnxcut.errors import DataError
 from onnxcut.grad.nn import conv_pads
-from onnxcut.graph.io import GraphIndex, load
+from onnxcut.graph.io import GraphIndex, drop_unread_initializers, load
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ def reconstruct(
         _copy_inputs(proto, node, cut, cut_nodes[name])
         if progress:
             progress(i + 1, len(order))
-    _drop_unread(proto)
+    drop_unread_initializers(proto)  # the readers' old weights
     log.info("reconstruction: %d readers refit on %d images", len(order), len(paths))
     return proto
 
@@ -307,15 +306,6 @@ def _gemm(index: GraphIndex, node) -> Callable[[np.ndarray], np.ndarray]:
     c = index.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     c = 0.0 if c is None else float(a.get("beta", 1.0)) * c.astype(np.float64)
     return lambda x: x.astype(np.float64) @ b + c
-
-
-def _drop_unread(proto: ModelProto) -> None:
-    """Remove initializers that no node reads any more (the readers' old weights)."""
-    read = set(inputs_read(proto.graph))
-    read |= {v.name for v in [*proto.graph.input, *proto.graph.output]}
-    keep = [t for t in proto.graph.initializer if t.name in read]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(keep)
 
 
 def _refit(

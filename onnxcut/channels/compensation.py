@@ -15,6 +15,7 @@ import numpy as np
 from onnx import ModelProto, helper, numpy_helper
 
 from onnxcut.errors import PlanError
+from onnxcut.graph.io import drop_unread_initializers, inputs_read
 
 _OPS = ("Conv", "Gemm")
 
@@ -60,21 +61,8 @@ def add_bias_deltas(model: ModelProto, deltas: Mapping[str, Sequence[float]]) ->
             node.input[2] = new
         else:
             node.input.extend([""] * (2 - len(node.input)) + [new])
-    graph_io = {v.name for v in [*model.graph.input, *model.graph.output]}
-    gone = {b for b, n in readers.items() if n == 0 and b in inits and b not in graph_io}
-    if gone:  # old biases no node reads any more
-        keep = [t for t in model.graph.initializer if t.name not in gone]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-
-
-def inputs_read(graph):
-    """Every input name the graph's nodes read, subgraphs (If, Loop) included."""
-    for n in graph.node:
-        yield from n.input
-        for a in n.attribute:
-            for sub in [a.g] if a.HasField("g") else list(a.graphs):
-                yield from inputs_read(sub)
+    # Old biases no node reads any more.
+    drop_unread_initializers(model, [b for b, n in readers.items() if n == 0])
 
 
 def _bias_scale(node) -> float:

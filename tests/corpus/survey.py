@@ -1,8 +1,10 @@
 """Run every verb on a corpus variant through the CLI and tabulate what happened.
 
-inspect, attribute (four images), plan, extract, mask and eval (original and extracted), each
-through click's CliRunner as a user would call it; then the extracted model is compared with
-the masked one in onnxruntime on the kept categories.
+inspect, attribute (four images), plan, extract, mask, refit (`extract --reconstruct` of a
+plan without compensation), distill (the extracted model against
+the original, two steps with feature hints) and eval (original and extracted), each through
+click's CliRunner as a user would call it; then the extracted model is compared with the
+masked one in onnxruntime on the kept categories.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import onnx
 from corpus.images import write_class_folders, write_images, write_masks
 from corpus.variants import CATEGORIES, Variant
 
-VERBS = ("inspect", "attribute", "plan", "extract", "mask", "eval")
+VERBS = ("inspect", "attribute", "plan", "extract", "mask", "refit", "distill", "eval")
 _THREADS = ("--threads", "1")
 TOLERANCE = 1e-5  # largest |extracted - masked| over the largest |masked|
 
@@ -122,12 +124,13 @@ def survey(variant: Variant, work: Path) -> Row:
     scores, plan = work / "scores.npz", work / "plan.json"
     cut, masked = work / "cut.onnx", work / "masked.onnx"
 
-    def step(verb: str, *args: object) -> bool:
+    def step(verb: str, *args: object, cell: str | None = None) -> bool:
         outcome = invoke([verb, *args])
-        row.cells[verb] = outcome.cell
+        row.cells[cell or verb] = outcome.cell
         if outcome.cell != "ok":
-            row.failures.append(f"{verb}: {(outcome.output.strip().splitlines() or [''])[-1]}")
-        elif verb == "extract":
+            last = (outcome.output.strip().splitlines() or [""])[-1]
+            row.failures.append(f"{cell or verb}: {last}")
+        elif verb == "extract" and cell is None:
             row.params = next(
                 line.rsplit("(", 1)[1].rstrip(")")
                 for line in outcome.output.splitlines()
@@ -152,6 +155,15 @@ def survey(variant: Variant, work: Path) -> Row:
         return row
     step("extract", model, "--plan", plan, "-o", cut)
     step("mask", model, "--plan", plan, "-o", masked)
+    plain = work / "plain.json"  # reconstruction refits biases itself: no compensation
+    if step("plan", scores, "--classes", chosen, "--min-keep", "2", "-o", plain, cell="refit"):
+        refit = ["--plan", plain, "--reconstruct", data["images"], "-o", work / "refit.onnx"]
+        step("extract", model, *refit, cell="refit")
+    if cut.exists():
+        step(
+            "distill", cut, "--teacher", model, "--data", data["images"], "-o", work / "tuned.onnx",
+            "--batch", "2", "--hints", "1", *_THREADS, *variant.head_args,
+        )  # fmt: skip
     masks = ["--masks", data["masks"]] if "masks" in data else []
     evaluate = ["--data", data["eval"], *masks, *variant.head_args, "--runs", "1", *_THREADS]
     if cut.exists():  # the original, then the sub-network (categories from its metadata)
