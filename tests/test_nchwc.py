@@ -12,7 +12,7 @@ from onnxcut.runtime import session
 from onnxcut.train import build, nchwc, trainable
 from onnxcut.train.graph import LOSS, WEIGHTS, updated
 from onnxcut.train.losses import SCALE, TARGET
-from onnxcut.train.optimizers import CORRECTION, LR
+from onnxcut.train.optimizers import EPSILON, LR
 
 from netbuilder import NetBuilder
 
@@ -108,7 +108,7 @@ def test_training_step_blocked_equals_plain(monkeypatch):
         SCALE: np.array(1 / 128, np.float32),
         WEIGHTS: np.ones(2, np.float32),
         LR: np.array(1e-2, np.float32),
-        CORRECTION: np.array(1.0, np.float32),
+        EPSILON: np.array(1.0, np.float32),
         **{p: values[p] for p in params},
         **{s: np.full(values[s.split("/", 2)[2]].shape, 0.01, np.float32) for s in graph.states},
     }

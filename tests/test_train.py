@@ -24,7 +24,7 @@ from onnxcut.train import DistillOptions, Optimizer, build, distill, trainable
 from onnxcut.train.distill import DISTILL_KEY
 from onnxcut.train.graph import LOSS, WEIGHTS, updated
 from onnxcut.train.losses import SCALE, TARGET, hint_scale, hint_target
-from onnxcut.train.optimizers import CORRECTION, LR
+from onnxcut.train.optimizers import EPSILON, LR
 
 from conftest import ROOT, conv_bn_net, copy_images, sample_model
 from netbuilder import NetBuilder
@@ -150,11 +150,55 @@ def test_adam_step_is_pytorch_adam():
         [updated(p) for p in params],
         {**base, **zeros(adam), **{k: np.array(v, np.float32) for k, v in scalars.items()}},
     )
-    assert set(scalars) == {LR, CORRECTION}
+    assert set(scalars) == {LR, EPSILON}
     for p, g_new, a_new in zip(params, grads, stepped, strict=True):
         g = values[p] - g_new
         want = values[p] - 1e-3 * g / (np.abs(g) + 1e-8)
         np.testing.assert_allclose(a_new, want, rtol=1e-4, atol=1e-6, err_msg=p)
+
+
+def test_adam_over_steps_is_pytorch_adam_in_numpy():
+    """Three steps of the graph's Adam (its scaled second moment, folded constants) against
+    PyTorch's formula in float64, each step's gradient read from an lr-1 SGD graph at the
+    current weights."""
+    model = load(conv_bn_net())
+    params = trainable(model)
+    out = model.graph.output[0].name
+    sgd = build(model, out, 1, params, optimizer=Optimizer("sgd", lr=1.0, momentum=0.0), batch=2)
+    opt = Optimizer("adam", lr=1e-2, warmup=2)
+    adam = build(model, out, 1, params, optimizer=opt, batch=2)
+    rng = np.random.default_rng(7)
+    base = {
+        sgd.data: rng.standard_normal((2, 3, 16, 16)).astype(np.float32),
+        TARGET: _softmax(rng.standard_normal((2, 10)).astype(np.float32)),
+        SCALE: np.array(0.5, np.float32),
+        WEIGHTS: np.ones(2, np.float32),
+    }
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    live = {p: values[p] for p in params}
+    live |= {s: np.zeros_like(values[s.split("/", 2)[2]]) for s in adam.states}
+    ref = {p: values[p].astype(np.float64) for p in params}
+    m = {p: np.zeros_like(ref[p]) for p in params}
+    v = {p: np.zeros_like(ref[p]) for p in params}
+    grad_run, adam_run = session(sgd.model), session(adam.model)
+    b1, b2 = opt.betas
+    for t in (1, 2, 3):
+        zero = {s: np.zeros_like(values[s.split("/", 2)[2]]) for s in sgd.states}
+        fed = {p: ref[p].astype(np.float32) for p in params}
+        new = grad_run.run(
+            [updated(p) for p in params], {**base, **fed, **zero, LR: np.array(1.0, np.float32)}
+        )
+        scalars = {k: np.array(x, np.float32) for k, x in opt.scalars(t).items()}
+        names = [updated(n) for n in adam.carried]
+        live = dict(zip(adam.carried, adam_run.run(names, {**base, **live, **scalars}), strict=1))
+        lr = 1e-2 * min(1.0, t / 2)
+        for p, g in zip(params, new, strict=True):
+            g = ref[p] - g.astype(np.float64)
+            m[p] = b1 * m[p] + (1 - b1) * g
+            v[p] = b2 * v[p] + (1 - b2) * g * g
+            step = lr / (1 - b1**t) * m[p] / (np.sqrt(v[p] / (1 - b2**t)) + opt.eps)
+            ref[p] = ref[p] - step
+            np.testing.assert_allclose(live[p], ref[p], rtol=2e-5, atol=2e-6, err_msg=(p, t))
 
 
 def test_warmup_ramps_the_learning_rate():
@@ -163,7 +207,7 @@ def test_warmup_ramps_the_learning_rate():
     for step in (1, 2, 4, 5, 9):
         a, b = plain.scalars(step), warm.scalars(step)
         assert b[LR] == pytest.approx(a[LR] * min(1.0, step / 4))
-        assert b[CORRECTION] == a[CORRECTION]
+        assert b[EPSILON] == a[EPSILON]
     assert Optimizer("sgd", lr=0.1, warmup=10).scalars(5)[LR] == pytest.approx(0.05)
 
 
@@ -535,7 +579,7 @@ def test_loss_is_the_tempered_kl_to_the_target(opset: int):
         SCALE: np.array(scale, np.float32),
         WEIGHTS: rows,
         LR: np.array(1e-3, np.float32),
-        CORRECTION: np.array(1.0, np.float32),
+        EPSILON: np.array(1.0, np.float32),
         **{p: values[p] for p in params},
         **{s: np.zeros_like(values[s.split("/", 2)[2]]) for s in graph.states},
     }

@@ -30,7 +30,7 @@ from onnxcut.train.losses import (
     hint_target,
     with_labels,
 )
-from onnxcut.train.optimizers import CORRECTION, LR, OPTIMIZERS, Optimizer
+from onnxcut.train.optimizers import EPSILON, LR, OPTIMIZERS, Optimizer
 
 LOSS = PREFIX + "loss"
 BATCH = "N"
@@ -114,7 +114,7 @@ def build(
             helper.make_tensor_value_info(hint_target(name), elem, [batch, *shape[1:]]),
             helper.make_tensor_value_info(hint_scale(name), elem, []),
         ]
-    scalars = [LR, *([CORRECTION] if optimizer.name == "adam" else [])]
+    scalars = [LR, *([EPSILON] if optimizer.name == "adam" else [])]
     fed += [helper.make_tensor_value_info(s, elem, []) for s in scalars]
     model.graph.input.extend(fed)
     b = Builder("loss", opset=opset_version(model))
