@@ -27,7 +27,8 @@ from onnxcut.channels.plan import PlanLike, as_plan
 from onnxcut.channels.surgery import mask
 from onnxcut.errors import DataError
 from onnxcut.grad.nn import conv_pads
-from onnxcut.graph.io import GraphIndex, drop_unread_initializers, load
+from onnxcut.graph.edit import drop_unread_initializers
+from onnxcut.graph.io import GraphIndex, load
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 from onnx import ModelProto, helper, numpy_helper
 
 from onnxcut.errors import PlanError
-from onnxcut.graph.io import drop_unread_initializers, inputs_read
+from onnxcut.graph.edit import drop_unread_initializers, inputs_read
 
 _OPS = ("Conv", "Gemm")
 

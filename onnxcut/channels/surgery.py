@@ -31,6 +31,7 @@ from onnxcut.channels.inspection import LAYER_OPS, require_layers
 from onnxcut.channels.plan import Plan, PlanLike, as_plan, resolve
 from onnxcut.channels.registry import ConstSlice, EditContext
 from onnxcut.errors import ModelError
+from onnxcut.graph.edit import drop_unread_initializers, set_metadata
 from onnxcut.graph.io import load, sha256
 from onnxcut.graph.shapes import declare_types_inplace, infer_shapes
 
@@ -56,16 +57,9 @@ def extract(model: ModelLike, plan: PlanLike, *, input_shapes: Shapes | None = N
     _record_categories(proto, channels, kept, plan)
     _record_kept(proto, channels, kept)
     if plan.selection:  # how the plan was chosen: a budget, an agreement guard
-        _set_meta(proto, SELECTION_KEY, json.dumps(plan.selection, sort_keys=True))
+        set_metadata(proto, SELECTION_KEY, json.dumps(plan.selection, sort_keys=True))
     _check_result(proto, model, input_shapes)
     return proto
-
-
-def _set_meta(model: ModelProto, key: str, value: str) -> None:
-    props = [p for p in model.metadata_props if p.key != key]
-    del model.metadata_props[:]
-    model.metadata_props.extend(props)
-    model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
 
 
 def mask(model: ModelLike, plan: PlanLike, *, input_shapes: Shapes | None = None) -> ModelProto:
@@ -282,15 +276,7 @@ class _Cut(EditContext):
             graph.node.extend(keep)
             self._replaced.update(x for n in dead for x in n.input)
             used = self._uses()
-        stale = self._replaced - used
-        if not stale:
-            return
-        keep = [t for t in self.model.graph.initializer if t.name not in stale]
-        del self.model.graph.initializer[:]
-        self.model.graph.initializer.extend(keep)
-        inputs = [v for v in self.model.graph.input if v.name not in stale]
-        del self.model.graph.input[:]
-        self.model.graph.input.extend(inputs)
+        drop_unread_initializers(self.model, self._replaced - used)
 
     def _unique(self, base: str) -> str:
         name, k = base, 1
@@ -343,7 +329,7 @@ def _record_kept(model: ModelProto, channels: ChannelTrace, kept: np.ndarray) ->
         tensors[name] = [cmap.axis, lists.setdefault(key, len(lists))]
     if tensors:
         value = json.dumps({"kept": [list(k) for k in lists], "tensors": tensors})
-        _set_meta(model, KEPT_KEY, value)
+        set_metadata(model, KEPT_KEY, value)
 
 
 def read_kept(model: ModelProto) -> dict[str, tuple[int, list[int]]]:
@@ -382,8 +368,4 @@ def _record_categories(
         if isinstance(before, list) and len(before) == len(channels.maps[name].slots):
             positions = [before[p] for p in positions]
         categories[name] = positions
-    value = json.dumps(categories)
-    if CATEGORIES_KEY in props:
-        props[CATEGORIES_KEY].value = value
-    else:
-        model.metadata_props.append(onnx.StringStringEntryProto(key=CATEGORIES_KEY, value=value))
+    set_metadata(model, CATEGORIES_KEY, json.dumps(categories))

@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -140,34 +140,6 @@ def copy_model(model: ModelProto) -> ModelProto:
     new = ModelProto()
     new.CopyFrom(model)
     return new
-
-
-def drop_unread_initializers(model: ModelProto, names: Iterable[str] | None = None) -> None:
-    """Remove the initializers (of `names`, or any) that no node reads, in place.
-
-    Old exports (IR 3) list every initializer as a graph input too: such an input is a
-    weight with a default, not data, so its entry goes with it; graph outputs stay.
-    """
-    read = set(inputs_read(model.graph)) | {v.name for v in model.graph.output}
-    candidates = {t.name for t in model.graph.initializer} if names is None else set(names)
-    gone = {t.name for t in model.graph.initializer if t.name in candidates - read}
-    if not gone:
-        return
-    keep = [t for t in model.graph.initializer if t.name not in gone]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    inputs = [v for v in model.graph.input if v.name not in gone]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
-
-
-def inputs_read(graph) -> Iterator[str]:
-    """Every input name the graph's nodes read, subgraphs (If, Loop) included."""
-    for n in graph.node:
-        yield from n.input
-        for a in n.attribute:
-            for sub in [a.g] if a.HasField("g") else list(a.graphs):
-                yield from inputs_read(sub)
 
 
 def opset_version(model: ModelProto) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnx import ModelProto, StringStringEntryProto, numpy_helper
+from onnx import ModelProto, numpy_helper
 
 from onnxcut import data
 from onnxcut.attribution.agreement import agreement
@@ -34,6 +34,7 @@ from onnxcut.attribution.probe import (
     resize_masks,
 )
 from onnxcut.errors import DataError, ModelError, TrainError
+from onnxcut.graph.edit import set_metadata
 from onnxcut.graph.io import load
 from onnxcut.graph.shapes import dims, graph_inputs
 from onnxcut.train.graph import WEIGHTS, build
@@ -367,10 +368,7 @@ def _record(model: ModelProto, opts, reports: list[EpochReport], images: int, lo
         "final_loss": loss,
         "agreement": [r.agreement for r in reports] if opts.val else None,
     }
-    props = [p for p in model.metadata_props if p.key != DISTILL_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(props)
-    model.metadata_props.append(StringStringEntryProto(key=DISTILL_KEY, value=json.dumps(info)))
+    set_metadata(model, DISTILL_KEY, json.dumps(info))
 
 
 def _mask_reader(opts: DistillOptions, head: Head, mapping: CategoryMap, images) -> Callable:

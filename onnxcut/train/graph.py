@@ -15,6 +15,7 @@ from onnx import ModelProto, TensorProto, helper
 
 from onnxcut.errors import ModelError, UnsupportedOpError
 from onnxcut.grad.backward import backward, prepare
+from onnxcut.graph.edit import retain
 from onnxcut.graph.io import GraphIndex, opset_version
 from onnxcut.graph.shapes import graph_inputs, infer_shapes
 from onnxcut.train.builder import PREFIX, Builder
@@ -180,13 +181,9 @@ def _inputs_from_initializers(model: ModelProto, params: Sequence[str]) -> dict[
     wanted = set(params)
     moved = [t for t in model.graph.initializer if t.name in wanted]
     assert len(moved) == len(wanted), "a parameter is not an initializer"
-    kept = [t for t in model.graph.initializer if t.name not in wanted]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    retain(model.graph.initializer, lambda t: t.name not in wanted)
     # Old exports (IR 3) list initializers as inputs already: declare each parameter once.
-    others = [i for i in model.graph.input if i.name not in wanted]
-    del model.graph.input[:]
-    model.graph.input.extend(others)
+    retain(model.graph.input, lambda v: v.name not in wanted)
     model.graph.input.extend(
         helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved
     )
@@ -249,7 +246,5 @@ def keep_outputs(model: ModelProto, outputs: list[str]) -> None:
             needed.update(i for i in node.input if i)
     del model.graph.node[:]
     model.graph.node.extend(reversed(live))
-    kept = [t for t in model.graph.initializer if t.name in needed]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    retain(model.graph.initializer, lambda t: t.name in needed)
     del model.graph.value_info[:]
