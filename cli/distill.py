@@ -47,6 +47,12 @@ from onnxcut.cli.options import (
     help="Weight of feature hints: match each layer input to the teacher's kept channels "
     "(needs a student made by extract). 0: the output loss only.",
 )
+@click.option(
+    "--hints-at",
+    multiple=True,
+    metavar="GLOB",
+    help="Hint only at tensors whose name matches (repeatable; default: every layer input).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the image order.")
 @click.option(
     "--freeze",
@@ -83,6 +89,7 @@ def distill_cmd(model, teachers, data_dir, out, **kw) -> None:
         temperature=kw["temperature"],
         warmup=kw["warmup"],
         hints=kw["hints"],
+        hints_at=tuple(kw["hints_at"]),
         seed=kw["seed"],
         freeze=tuple(kw["freeze"]),
         freeze_ops=tuple(kw["freeze_op"]),

@@ -372,6 +372,24 @@ def test_distill_with_hints_trains_on_the_features_and_records_the_weight(
     assert any(not np.array_equal(_weights(out)[k], _weights(plain)[k]) for k in _weights(out))
 
 
+def test_hints_at_chooses_the_hinted_tensors(student: Path, images: Path):
+    from onnxcut.train.hints import match_hints
+
+    s, t = load(student), load(sample_model(SEG))
+    params, out = trainable(s), s.graph.output[0].name
+    every = match_hints(s, t, params, out)
+    assert len(every) > 5
+    aspp = match_hints(s, t, params, out, ["*aspp*"])
+    assert aspp and set(aspp) < set(every) and all("aspp" in n for n in aspp)
+    with pytest.raises(ModelError, match=r"--hints-at \*nowhere\* matches none of the"):
+        match_hints(s, t, params, out, ["*nowhere*"])
+    opts = DistillOptions(batch=8, lr=1e-3, threads=1, hints=1.0, hints_at=("*aspp*",))
+    meta = json.loads(
+        {p.key: p.value for p in distill(student, t, images, opts).metadata_props}[DISTILL_KEY]
+    )
+    assert meta["hints_at"] == ["*aspp*"]
+
+
 def test_label_masks_mix_in(student: Path, images: Path):
     opts = DistillOptions(batch=8, lr=1e-3, threads=1, masks=str(SCENES / "masks"))
     out = distill(student, sample_model(SEG), images, opts)
@@ -430,6 +448,8 @@ def test_bad_inputs_raise_user_errors(student: Path, images: Path, tmp_path: Pat
         _bad(student, other, images)()
     with pytest.raises(DataError, match=r"--hints -1\.0: a loss weight"):
         _bad(student, teacher, images, hints=-1.0)()
+    with pytest.raises(DataError, match=r"--hints-at chooses where hints go"):
+        _bad(student, teacher, images, hints_at=("*",))()
     bare = load(student)
     kept = [p for p in bare.metadata_props if p.key != "onnxcut.kept"]
     del bare.metadata_props[:]

@@ -72,6 +72,7 @@ class DistillOptions:
     input_shapes: Mapping[str, Sequence[int]] | None = None
     category_axis: int | None = None  # of the category output, student and teacher (default 1)
     hints: float = 0.0  # weight of the feature hints (0: output loss only)
+    hints_at: tuple[str, ...] = ()  # globs over tensor names: hint only there (default: all)
 
     def check(self) -> None:
         if not self.lr > 0:
@@ -86,6 +87,8 @@ class DistillOptions:
             raise DataError(f"optimizer '{self.optimizer}': use {', '.join(OPTIMIZERS)}")
         if not self.hints >= 0:
             raise DataError(f"--hints {self.hints}: a loss weight, 0 or above")
+        if self.hints_at and not self.hints > 0:
+            raise DataError("--hints-at chooses where hints go: give --hints a weight above 0")
         if not 0 <= self.label_weight <= 1:
             raise DataError(f"--label-weight {self.label_weight}: must lie in [0, 1]")
 
@@ -130,7 +133,7 @@ def distill(
     warmup = round(opts.warmup * steps_per_epoch)
     optimizer = Optimizer(opts.optimizer, opts.lr, warmup=warmup)
     batch_size = min(opts.batch, len(paths))
-    hints = match_hints(s, t, params, head.score) if opts.hints > 0 else {}
+    hints = match_hints(s, t, params, head.score, opts.hints_at) if opts.hints > 0 else {}
     graph = build(
         s,
         head.score,
@@ -364,6 +367,7 @@ def _record(model: ModelProto, opts, reports: list[EpochReport], images: int, lo
         "optimizer": opts.optimizer,
         "temperature": opts.temperature,
         "hints": opts.hints,
+        "hints_at": list(opts.hints_at),
         "labels": bool(opts.masks),
         "final_loss": loss,
         "agreement": [r.agreement for r in reports] if opts.val else None,

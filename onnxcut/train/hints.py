@@ -9,6 +9,7 @@ tensor only hints where a trained parameter computes it and the output loss read
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,10 +34,15 @@ class Hint:
 
 
 def match_hints(
-    s: ModelProto, t: ModelProto, params: Sequence[str], logits: str
+    s: ModelProto,
+    t: ModelProto,
+    params: Sequence[str],
+    logits: str,
+    patterns: Sequence[str] = (),
 ) -> dict[str, Hint]:
     """The student's feature hints: each tensor its `onnxcut.kept` metadata matches to the
-    teacher's tensor of the same name, that a trained parameter computes and the loss reads."""
+    teacher's tensor of the same name, that a trained parameter computes and the loss reads;
+    with `patterns` (globs over tensor names), only the tensors one of them matches."""
     kept = read_kept(s)
     if not kept:
         raise ModelError(
@@ -63,6 +69,17 @@ def match_hints(
             f"none of the student's {KEPT_KEY} tensors matches a tensor of the teacher; pass "
             "the model the student was cut from as --teacher, or drop --hints"
         )
+    if patterns:
+        chosen = {
+            n: h for n, h in hints.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns)
+        }
+        if not chosen:
+            names = ", ".join(list(hints)[:3])
+            raise ModelError(
+                f"--hints-at {' '.join(patterns)} matches none of the student's {len(hints)} "
+                f"hint tensors (e.g. {names}); see them with onnxcut inspect"
+            )
+        hints = chosen
     log.info("feature hints at %d tensors", len(hints))
     return hints
 
