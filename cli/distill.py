@@ -53,6 +53,14 @@ from onnxcut.cli.options import (
     metavar="GLOB",
     help="Hint only at tensors whose name matches (repeatable; default: every layer input).",
 )
+@click.option(
+    "--dropped",
+    type=click.Choice(["renormalise", "background"]),
+    default="renormalise",
+    show_default=True,
+    help="The teacher's probability of categories the student dropped: spread over the "
+    "kept ones, or given to background (segmenters).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the image order.")
 @click.option(
     "--freeze",
@@ -90,6 +98,7 @@ def distill_cmd(model, teachers, data_dir, out, **kw) -> None:
         warmup=kw["warmup"],
         hints=kw["hints"],
         hints_at=tuple(kw["hints_at"]),
+        dropped=kw["dropped"],
         seed=kw["seed"],
         freeze=tuple(kw["freeze"]),
         freeze_ops=tuple(kw["freeze_op"]),

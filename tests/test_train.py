@@ -627,6 +627,38 @@ def test_teacher_target_is_the_tempered_softmax_over_the_kept_categories(opset: 
     assert feeds[SCALE] == pytest.approx(2.0 * 0.5 / (2 * 8 * 8))
 
 
+@pytest.mark.parametrize("opset", [13, 18])
+def test_teacher_can_give_the_dropped_categories_to_background(opset: int):
+    """--dropped background: the kept categories keep their own probability under the
+    teacher's full softmax, and background takes the rest (what the customised task calls
+    those pixels)."""
+    from onnxcut.train.teacher import Teacher
+
+    model = load(seg_net(opset))
+    teacher = Teacher(model, [0, 2], "softmax", 2.0, fold_into=0)
+    x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    target = teacher.feeds(x, real=2)[TARGET]
+    forward = session(model)
+    z = np.concatenate([forward.run(None, {teacher.input: x[i : i + 1]})[0] for i in range(2)])
+    p = _softmax(z / 2.0)
+    want = np.stack([p[:, 0] + p[:, 1], p[:, 2]], axis=1)
+    np.testing.assert_allclose(target, want, rtol=1e-5, atol=1e-6)
+
+
+def test_dropped_background_distills_and_is_refused_without_background(student: Path, images: Path):
+    opts = DistillOptions(batch=8, threads=1, dropped="background")
+    out = distill(student, sample_model(SEG), images, opts)
+    meta = json.loads({p.key: p.value for p in out.metadata_props}[DISTILL_KEY])
+    assert meta["dropped"] == "background"
+    model = load(sample_model("resnet_digits_cls"))
+    head = model.graph.output[0].name
+    plan = {"format": "onnxcut.plan/1", "keep": {}, "outputs": {head: {"axis": 1, "keep": [4, 6]}}}
+    with pytest.raises(DataError, match="--dropped background needs a softmax segmenter"):
+        distill(extract(model, plan), model, images, opts)
+    with pytest.raises(DataError, match="--dropped spread: use renormalise or background"):
+        distill(student, sample_model(SEG), images, dataclasses.replace(opts, dropped="spread"))
+
+
 def test_initializers_listed_as_inputs_are_declared_once():
     """Old exports (IR 3) list every initializer as a graph input: the training graph
     declares each parameter once, and onnxruntime loads it."""

@@ -29,14 +29,13 @@ from onnxcut.attribution.agreement import agreement
 from onnxcut.attribution.probe import (
     Head,
     find_head,
-    output_categories,
-    output_origins,
     resize_masks,
 )
 from onnxcut.errors import DataError, ModelError, TrainError
 from onnxcut.graph.edit import set_metadata
 from onnxcut.graph.io import load
 from onnxcut.graph.shapes import dims, graph_inputs
+from onnxcut.train.categories import DROPPED, CategoryMap, category_map, fold_into
 from onnxcut.train.graph import WEIGHTS, build
 from onnxcut.train.hints import match_hints
 from onnxcut.train.losses import LABEL_SCALE, LABELS, TARGET
@@ -73,6 +72,7 @@ class DistillOptions:
     category_axis: int | None = None  # of the category output, student and teacher (default 1)
     hints: float = 0.0  # weight of the feature hints (0: output loss only)
     hints_at: tuple[str, ...] = ()  # globs over tensor names: hint only there (default: all)
+    dropped: str = "renormalise"  # the teacher's dropped categories: renormalise or background
 
     def check(self) -> None:
         if not self.lr > 0:
@@ -87,6 +87,8 @@ class DistillOptions:
             raise DataError(f"optimizer '{self.optimizer}': use {', '.join(OPTIMIZERS)}")
         if not self.hints >= 0:
             raise DataError(f"--hints {self.hints}: a loss weight, 0 or above")
+        if self.dropped not in DROPPED:
+            raise DataError(f"--dropped {self.dropped}: use {' or '.join(DROPPED)}")
         if self.hints_at and not self.hints > 0:
             raise DataError("--hints-at chooses where hints go: give --hints a weight above 0")
         if not 0 <= self.label_weight <= 1:
@@ -120,7 +122,7 @@ def distill(
     t = load(teacher, opts.input_shapes)
     _check_inputs(s, t, student, teacher)
     head = find_head(s, axis=opts.category_axis)
-    mapping = _category_map(s, head, t, find_head(t, axis=opts.category_axis))
+    mapping = category_map(s, head, t, find_head(t, axis=opts.category_axis))
     pre = data.fit_to_model(data.preprocess_from(s, opts.preprocess_file, opts.preprocess), s)
     paths = data.list_images(images)
     masks = _mask_reader(opts, head, mapping, images) if opts.masks else None
@@ -161,6 +163,7 @@ def distill(
         category_axis=opts.category_axis,
         hints=hints,
         hint_weight=opts.hints,
+        fold_into=fold_into(opts.dropped, _loss_kind(s, head), head, mapping),
     )
     ckpt = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(s, t, opts, paths)
@@ -235,44 +238,6 @@ def distill(
     result = _with_weights(s, trainer.parameters())
     _record(result, opts, reports, len(paths), float(np.mean(losses)) if losses else None)
     return result
-
-
-@dataclass(frozen=True)
-class CategoryMap:
-    positions: list[int]  # teacher output channel of each student output channel
-    categories: list[int]  # original category of each student output channel
-    labels: int = 256  # label masks name categories below this (the teacher's, 255 aside)
-
-
-def _category_map(s: ModelProto, sh: Head, t: ModelProto, th: Head) -> CategoryMap:
-    if sh.spatial != th.spatial:
-        raise ModelError(
-            "the student and the teacher solve different tasks (one segments, one classifies)"
-        )
-    student_cats = output_categories(s, sh)
-    teacher_cats = output_categories(t, th) or list(range(th.n_categories))
-    origins = output_origins(s, sh)
-    if origins is not None and origins == output_origins(t, th):
-        # An assembled student and its parts' models joined as one teacher (teacher_for):
-        # channel for channel the same, whatever categories the parts share.
-        return CategoryMap(list(range(sh.n_categories)), student_cats, max(teacher_cats) + 1)
-    if student_cats is None:
-        if sh.n_categories != th.n_categories:
-            raise ModelError(
-                f"the student outputs {sh.n_categories} categories, the teacher "
-                f"{th.n_categories}, and the student has no onnxcut.categories metadata to map "
-                "them; make the student with onnxcut extract"
-            )
-        student_cats = list(teacher_cats)
-    missing = [c for c in student_cats if c not in teacher_cats]
-    if missing:
-        raise ModelError(
-            f"student categories {missing} are not among the teacher's outputs "
-            f"({teacher_cats}); pass the model the student was cut from as --teacher"
-        )
-    return CategoryMap(
-        [teacher_cats.index(c) for c in student_cats], list(student_cats), max(teacher_cats) + 1
-    )
 
 
 def _check_inputs(s: ModelProto, t: ModelProto, student, teacher) -> None:
@@ -368,6 +333,7 @@ def _record(model: ModelProto, opts, reports: list[EpochReport], images: int, lo
         "temperature": opts.temperature,
         "hints": opts.hints,
         "hints_at": list(opts.hints_at),
+        "dropped": opts.dropped,
         "labels": bool(opts.masks),
         "final_loss": loss,
         "agreement": [r.agreement for r in reports] if opts.val else None,

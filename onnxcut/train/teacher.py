@@ -41,7 +41,10 @@ class Teacher:
         category_axis: int | None = None,
         hints: Mapping[str, Hint] | None = None,
         hint_weight: float = 0.0,
+        fold_into: int | None = None,
     ):
+        """`fold_into`: the student position (background) that takes the probability of the
+        teacher's categories the student dropped, instead of renormalising over the kept."""
         head = find_head(model, axis=category_axis)
         m = ModelProto()
         m.CopyFrom(model)
@@ -51,9 +54,19 @@ class Teacher:
         temp = numpy_helper.from_array(np.asarray(temperature, np.float32), "train/teacher_t")
         m.graph.initializer.extend([index, temp])
         b = Builder("teacher", opset=opset_version(m))
-        kept = b.op("Gather", [head.score, index.name], axis=head.axis)
-        tempered = b.op("Div", [kept, temp.name])
-        b.op("Identity", [NORMALISE[kind](b, tempered, head.axis)], TARGET)
+        if fold_into is None:
+            kept = b.op("Gather", [head.score, index.name], axis=head.axis)
+            tempered = b.op("Div", [kept, temp.name])
+            b.op("Identity", [NORMALISE[kind](b, tempered, head.axis)], TARGET)
+        else:
+            full = softmax_pair(b, b.op("Div", [head.score, temp.name]), head.axis)[0]
+            kept = b.op("Gather", [full, index.name], axis=head.axis)
+            rest = b.op("Sub", [b.scalar(1.0), b.reduce("ReduceSum", kept, [head.axis])])
+            onehot = np.zeros([len(positions) if i == head.axis else 1 for i in range(4)])
+            onehot[(0,) * head.axis + (fold_into,)] = 1.0
+            e = b.name("background")
+            b.inits.append(numpy_helper.from_array(onehot.astype(np.float32), e))
+            b.op("Add", [kept, b.op("Mul", [rest, e])], TARGET)
         self.hints = dict(hints or {})
         outputs = [TARGET]
         for name, h in self.hints.items():

@@ -1,15 +1,18 @@
-"""Feature hints in distill: one epoch with and without `--hints`, over shuffle seeds.
+"""distill's options side by side: one epoch with and without one of them, over shuffle seeds.
 
 For each sample model and digit subset: plan at `--flops` (default half the FLOPs, the
 budget spread by measured sensitivity as in distill_budget.py), extract it as cut and
 refit by `extract --reconstruct` (64 unlabeled images), then distill one epoch against the
-original on the 1,000-image unlabeled split at each `--lr`, with hints 0 and `--hints`,
-once per seed (the image order), and evaluate on the validation split. Prints the metric
-kept (the sub-network's over the original's, category-customised) per run, and the mean and
-worst over the seeds.
+original on the 1,000-image unlabeled split at each `--lr`, once per seed (the image order),
+with the defaults and with the option `--compare` names, and evaluate on the validation
+split:
+  hints     --hints 0 against --hints W (`--hints`, default 1)
+  dropped   --dropped renormalise against --dropped background (segmenters only)
+Prints the metric kept (the sub-network's over the original's, category-customised) per
+run, and the mean and worst over the seeds.
 
-    .venv/bin/python benchmarks/distill_hints.py [--models a,b] [--subsets 2] [--lrs 1e-4,1e-3]
-        [--hints 1] [--seeds 0,1,2] [--work DIR]
+    .venv/bin/python benchmarks/distill_options.py [--compare hints|dropped] [--models a,b]
+        [--subsets 2] [--lrs 1e-4,1e-3] [--hints 1] [--seeds 0,1,2] [--work DIR]
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ from onnxcut.channels.surgery import extract
 from onnxcut.graph.io import load, save
 from onnxcut.train import DistillOptions, distill
 
-COLUMNS = ("model", "digits", "start", "lr", "hints", "no training", "runs", "mean", "worst")
+COLUMNS = ("model", "digits", "start", "lr", "option", "no training", "runs", "mean", "worst")
+
+
+def settings(compare: str, hints: float) -> list[tuple[str, dict]]:
+    """(label, DistillOptions fields) of the two runs compared."""
+    if compare == "hints":
+        return [("hints 0", {}), (f"hints {hints:g}", {"hints": hints})]
+    return [("renormalise", {}), ("background", {"dropped": "background"})]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -49,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--subsets", default="2", help="subset sizes (digits of a seeded order)")
     p.add_argument("--flops", type=float, default=0.5, help="share of the FLOPs to keep")
     p.add_argument("--lrs", default="1e-4,1e-3", help="learning rates (Adam, batch 16)")
+    p.add_argument("--compare", choices=("hints", "dropped"), default="hints")
     p.add_argument("--hints", type=float, default=1.0, help="the hint weight to compare")
     p.add_argument("--seeds", default="0,1,2", help="shuffle seeds")
     p.add_argument("--work", type=Path, default=None, help="cache folder for scores (.npz)")
@@ -62,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = Path(tmp) / "model.onnx"
         for name in args.models.split(","):
             setup = sample_setup(name, threads=args.threads)
+            if args.compare == "dropped" and setup.task != "segment":
+                continue
             scores = cached_scores(setup, work)
             images = unlabeled_images(setup)
             for digits in subsets.values():
@@ -76,11 +89,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     save(sub, out)
                     before = ratios(score_model(setup, out, classes), ref)["metric_kept"]
                     for lr in (float(x) for x in args.lrs.split(",")):
-                        for hints in (0.0, args.hints):
+                        for label, fields in settings(args.compare, args.hints):
                             kept = []
                             for seed in seeds:
                                 opts = DistillOptions(
-                                    lr=lr, hints=hints, seed=seed, threads=args.threads
+                                    lr=lr, seed=seed, threads=args.threads, **fields
                                 )
                                 save(distill(sub, setup.model, images, opts), out)
                                 score = score_model(setup, out, classes)
@@ -91,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                     "digits": ",".join(map(str, digits)),
                                     "start": start,
                                     "lr": f"{lr:g}",
-                                    "hints": f"{hints:g}",
+                                    "option": label,
                                     "no training": before,
                                     "runs": " / ".join(f"{k:.3f}" for k in kept),
                                     "mean": float(np.mean(kept)),
