@@ -268,16 +268,20 @@ def test_distill_lowers_the_loss_and_records_metadata(student: Path, images: Pat
     assert [o.name for o in out.graph.output] == [o.name for o in load(student).graph.output]
 
 
-@pytest.mark.parametrize("warmup", [0.0, 1.0])
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"warmup": 1.0}, {"hints": 1.0, "dropped": "background"}],
+    ids=["defaults", "warmup", "hints+background"],
+)
 def test_distill_is_deterministic_and_resume_gives_the_same_weights(
-    student: Path, images: Path, tmp_path: Path, monkeypatch, warmup: float
+    student: Path, images: Path, tmp_path: Path, monkeypatch, changes: dict
 ):
-    opts = dataclasses.replace(OPTS, warmup=warmup)
+    opts = dataclasses.replace(OPTS, **changes)
     plain = _weights(distill(student, sample_model(SEG), images, opts))
     again = _weights(distill(student, sample_model(SEG), images, opts))
     for k in plain:
         np.testing.assert_array_equal(plain[k], again[k])
-    if warmup:  # the ramp changes the steps: a run without it ends elsewhere
+    if changes:  # each changes the steps: a run without it ends elsewhere
         other = _weights(distill(student, sample_model(SEG), images, OPTS))
         assert any(not np.array_equal(plain[k], other[k]) for k in plain)
 
