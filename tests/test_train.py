@@ -499,6 +499,8 @@ def test_cli_distill_writes_the_model_and_errors_are_one_line(
         (["--lr", "-1"], "learning rate must be above 0"),
         (["--warmup", "-0.1"], "a share of the first epoch"),
         (["--hints", "-2"], "a loss weight, 0 or above"),
+        (["--hints-at", "*aspp*"], "give --hints a weight above 0"),
+        (["--hints", "1", "--hints-at", "*nowhere*"], "matches none of the student's"),
         (["--data", str(tmp_path / "nowhere")], "not a folder of images"),
     ]:
         bad = tmp_path / "bad.onnx"
