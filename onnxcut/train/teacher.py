@@ -54,19 +54,12 @@ class Teacher:
         temp = numpy_helper.from_array(np.asarray(temperature, np.float32), "train/teacher_t")
         m.graph.initializer.extend([index, temp])
         b = Builder("teacher", opset=opset_version(m))
+        tempered = b.op("Div", [head.score, temp.name])
         if fold_into is None:
-            kept = b.op("Gather", [head.score, index.name], axis=head.axis)
-            tempered = b.op("Div", [kept, temp.name])
-            b.op("Identity", [NORMALISE[kind](b, tempered, head.axis)], TARGET)
+            kept = b.op("Gather", [tempered, index.name], axis=head.axis)
+            b.op("Identity", [NORMALISE[kind](b, kept, head.axis)], TARGET)
         else:
-            full = softmax_pair(b, b.op("Div", [head.score, temp.name]), head.axis)[0]
-            kept = b.op("Gather", [full, index.name], axis=head.axis)
-            rest = b.op("Sub", [b.scalar(1.0), b.reduce("ReduceSum", kept, [head.axis])])
-            onehot = np.zeros([len(positions) if i == head.axis else 1 for i in range(4)])
-            onehot[(0,) * head.axis + (fold_into,)] = 1.0
-            e = b.name("background")
-            b.inits.append(numpy_helper.from_array(onehot.astype(np.float32), e))
-            b.op("Add", [kept, b.op("Mul", [rest, e])], TARGET)
+            _fold(b, tempered, index.name, head.axis, len(positions), fold_into)
         self.hints = dict(hints or {})
         outputs = [TARGET]
         for name, h in self.hints.items():
@@ -93,3 +86,15 @@ class Teacher:
             feeds[hint_target(name)] = feature
             feeds[hint_scale(name)] = np.float32(self.hint_factor / max(total, 1e-12))
         return feeds
+
+
+def _fold(b: Builder, tempered: str, index: str, axis: int, kept: int, into: int) -> None:
+    """TARGET: the teacher's softmax over all its categories at the kept ones, with the
+    dropped ones' probability added at position `into` (background)."""
+    probs = b.op("Gather", [softmax_pair(b, tempered, axis)[0], index], axis=axis)
+    rest = b.op("Sub", [b.scalar(1.0), b.reduce("ReduceSum", probs, [axis])])
+    onehot = np.zeros([kept if i == axis else 1 for i in range(4)], np.float32)
+    onehot[(0,) * axis + (into,)] = 1.0
+    e = b.name("background")
+    b.inits.append(numpy_helper.from_array(onehot, e))
+    b.op("Add", [probs, b.op("Mul", [rest, e])], TARGET)
