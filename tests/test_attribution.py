@@ -75,6 +75,26 @@ def test_shards_merge_to_the_single_run(scenes: Path, seg_scores, tmp_path: Path
     assert merged.meta["images"] == 12
 
 
+def test_an_empty_shard_adds_nothing_to_the_merge(tmp_path: Path):
+    """More shards than images (or than --top-k selects): the empty ones save and merge."""
+    folder = tmp_path / "two"
+    folder.mkdir()
+    copy_images(sorted((SCENES / "images").glob("*.png"))[:2], folder)
+    opts = AttributeOptions(tau=0.7, batch=4)
+    single = attribute(sample_model(SEG), folder, opts)
+    parts = [
+        save_scores(
+            attribute(
+                sample_model(SEG), folder, AttributeOptions(tau=0.7, batch=4, shard=f"{k}/3")
+            ),
+            tmp_path / f"s{k}.npz",
+        )
+        for k in (1, 2, 3)
+    ]
+    assert [load_scores(p).meta["images"] for p in parts] == [1, 1, 0]
+    _assert_same(merge(parts), single)
+
+
 def test_merge_refuses_other_settings(scenes: Path, seg_scores, tmp_path: Path):
     other = attribute(
         sample_model(SEG), scenes / "images", AttributeOptions(tau=0.8, batch=4, shard="1/4")

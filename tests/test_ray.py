@@ -153,3 +153,26 @@ def test_a_gpu_provider_on_a_cluster_without_gpus_is_refused(cluster, images: Pa
     opts = AttributeOptions(tau=0.7, provider="cuda")
     with pytest.raises(DataError, match="the cluster has no GPU"):
         attribute_ray(sample_model("deeplab_digits"), images, opts, address=cluster)
+
+
+def test_progress_ends_at_the_images_a_top_k_run_selects(cluster, tmp_path: Path):
+    """With --top-k each shard attributes the selected images only: the bar's total is
+    theirs, not the listed count, and it ends full."""
+    from onnxcut.attribution.cluster import attribute_ray
+
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    found = sorted((ROOT / "samples/data/digits_cls/val").glob("*/*.png"))[::10]
+    copy_images(found, folder)
+    model = sample_model("resnet_digits_cls")
+    opts = AttributeOptions(top_k=1, batch=4)
+    single: list[tuple[int, int]] = []
+    attribute(model, folder, opts, progress=lambda d, t: single.append((d, t)))
+    selected = single[-1][1]
+    assert selected < len(found)
+    calls: list[tuple[int, int]] = []
+    attribute_ray(
+        model, folder, opts, address=cluster, shards=2, progress=lambda d, t: calls.append((d, t))
+    )
+    assert calls[-1] == (selected, selected)
+    assert all(d <= t for d, t in calls)

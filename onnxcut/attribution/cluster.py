@@ -162,6 +162,7 @@ def _collect(ray, pending: dict, finished: dict, folder, n: int, tracker, progre
     """Wait for the shards in `pending` (ref -> k), saving each as it ends; {k: reason} of
     those that failed every attempt. A user error from a task is raised as it is."""
     base = sum(int(s.meta["done"]) for s in finished.values())
+    waiting = len(pending)  # shards run here; each reports its own image count once it starts
     failed: dict[int, str] = {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
@@ -178,8 +179,12 @@ def _collect(ray, pending: dict, finished: dict, folder, n: int, tracker, progre
             if folder:
                 save_scores(result, folder / f"shard-{k}-of-{n}.npz")
         if progress:
-            state = ray.get(tracker.state.remote()).values()
-            progress(min(base + sum(d for d, _ in state), total), total)
+            state = list(ray.get(tracker.state.remote()).values())
+            # Shards not started yet count as an even share of the listed images; with
+            # --top-k a shard's own count is the images selected, fewer than listed.
+            unseen = max(waiting - len(state), 0) * total / n
+            overall = round(base + sum(t for _, t in state) + unseen)
+            progress(min(base + sum(d for d, _ in state), overall), overall)
     return failed
 
 

@@ -254,7 +254,9 @@ def attribute(
         if checkpoint and scores.meta["done"] - saved >= opts.checkpoint_every:
             save_scores(scores, checkpoint)
             saved = scores.meta["done"]
-    if scores.meta["images"] == 0:
+    # A shard can be empty (--top-k selected fewer images than there are shards): it adds
+    # nothing to the merge. Images that were there but none readable are an error.
+    if scores.meta["images"] == 0 and paths:
         raise skipped.error(len(paths))
     return scores
 
