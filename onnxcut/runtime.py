@@ -88,6 +88,12 @@ def _session_from_disk(ort: ModuleType, model: ModelProto, opts, providers):
         return _create(ort, str(path), opts, providers)
 
 
+def first_line(error: BaseException) -> str:
+    """An onnxruntime error's message in one line (its kernels' messages run on)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def run(
     model: ModelProto | str | os.PathLike[str],
     feeds: Mapping[str, np.ndarray],

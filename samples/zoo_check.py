@@ -9,7 +9,11 @@ attribute over four random images, plan for one or two categories the images rea
 extract, and compare the extracted model with the masked one on the kept outputs. A row
 per model: the prunable share, the kept share of parameters and MACs, the largest relative
 difference (exact: within 1e-4 of the output's range), or the one-line error onnxcut gave.
-Exit status 1 when an extracted model does not match or anything crashes.
+With `--distill`, the extracted model is then trained against the original for two epochs
+over the four images (batch 2, lr 1e-3, `--hints 1`) and the row adds the mean loss of the
+first and last epoch (random weights and four steps: a check that training runs on the
+architecture, not of what it learns). Exit status 1 when an extracted model does not match
+or anything crashes.
 
 Needs `pip install -e '.[samples]' torchvision pillow` (and for `--keras`, keras and
 onnxscript: Keras runs on its torch backend here and exports through torch.onnx).
@@ -40,6 +44,7 @@ from onnxcut.errors import OnnxcutError
 from onnxcut.graph.io import load
 from onnxcut.graph.shapes import dims, graph_inputs
 from onnxcut.runtime import run
+from onnxcut.train import DistillOptions, distill
 
 _SHIM = torch.library.Library("torchvision", "DEF")
 for _schema in (
@@ -92,7 +97,16 @@ def _export_keras(name: str, path: Path, size: int) -> None:
     net.export(str(path), format="onnx", verbose=False)
 
 
-def _check(name: str, folder: Path, images: Path, size: int, dynamo: bool) -> str:
+def _distilled(cut, model, images: Path) -> str:
+    """Two epochs of distill with feature hints; the first and last epoch's mean loss."""
+    reports = []
+    opts = DistillOptions(batch=2, epochs=2, lr=1e-3, hints=1.0, threads=2)
+    distill(cut, model, images, opts, on_epoch=reports.append)
+    first, last = reports[0].loss, reports[-1].loss
+    return f"distill loss {first:.4g} -> {last:.4g}"
+
+
+def _check(name: str, folder: Path, images: Path, size: int, dynamo: bool, train: bool) -> str:
     path = folder / f"{name.replace(':', '_')}.onnx"
     torch.manual_seed(0)
     if name.startswith("keras:"):
@@ -127,10 +141,11 @@ def _check(name: str, folder: Path, images: Path, size: int, dynamo: bool) -> st
     err = float(np.abs(got - want).max() / (np.abs(want).max() or 1.0))
     verdict = "exact" if err < 1e-4 else "MISMATCH"
     flops = f"{after['flops'] / before['flops']:.2f}" if before["flops"] and after["flops"] else "?"
-    return (
+    row = (
         f"{before['prunable_param_share']:.2f} prunable, classes {list(classes)}: params "
         f"{after['params'] / before['params']:.2f}, MACs {flops}, {verdict} ({err:.1e})"
     )
+    return f"{row}; {_distilled(cut, model, images)}" if train else row
 
 
 def main() -> int:
@@ -139,6 +154,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument(
         "--dynamo", action="store_true", help="torch.export-based exporter (needs onnxscript)"
+    )
+    parser.add_argument(
+        "--distill", action="store_true", help="also distill each extracted model (hints on)"
     )
     parser.add_argument(
         "--keras", action="store_true", help=f"also {KERAS_MODELS} (needs keras, onnxscript)"
@@ -157,7 +175,7 @@ def main() -> int:
         for name in names:
             start = time.perf_counter()
             try:
-                row = _check(name, folder, images, args.size, args.dynamo)
+                row = _check(name, folder, images, args.size, args.dynamo, args.distill)
                 failures += "MISMATCH" in row
             except OnnxcutError as e:  # a user-facing refusal, reported as the user sees it
                 row = f"onnxcut: {e}"

@@ -335,6 +335,35 @@ def test_extract_records_the_kept_channels_of_layer_inputs_composed_over_cuts(st
     assert read_kept(again)[relu.output[0]] == (1, [2, 6])
 
 
+def test_hints_match_the_student_to_the_teachers_own_channels(student: Path, images: Path):
+    """Upstream of the cut's effect the student computes the teacher's kept channels
+    exactly, so there the hint's teacher feature equals the student's tensor."""
+    from onnxcut import data
+    from onnxcut.train.hints import match_hints
+    from onnxcut.train.teacher import Teacher
+
+    s, t = load(student), load(sample_model(SEG))
+    out = s.graph.output[0].name
+    hints = match_hints(s, t, trainable(s), out)
+    first = next(n for n in s.graph.node if n.op_type == "Conv")
+    relu = next(n for n in s.graph.node if first.output[0] in n.input).output[0]
+    assert relu in hints
+    pre = data.fit_to_model(data.preprocess_from(s), s)
+    x = next(iter(data.batches(sorted(images.glob("*.png"))[:2], pre, 2))).inputs
+    feeds = Teacher(t, [0, 4, 6], "softmax", 1.0, hints=hints, hint_weight=1.0).feeds(x, 2)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(s)
+    probe.graph.output.append(
+        onnx.helper.make_tensor_value_info(relu, onnx.TensorProto.FLOAT, None)
+    )
+    mine = np.concatenate([run_tensor(probe, relu, x[i : i + 1]) for i in range(2)])
+    np.testing.assert_allclose(feeds[hint_target(relu)], mine, rtol=1e-5, atol=1e-6)
+
+
+def run_tensor(model: onnx.ModelProto, name: str, x: np.ndarray) -> np.ndarray:
+    return session(model).run([name], {model.graph.input[0].name: x})[0]
+
+
 def test_teacher_gives_the_kept_channels_of_each_hint_and_its_scale():
     from onnxcut.train.hints import Hint
     from onnxcut.train.teacher import Teacher
@@ -346,15 +375,34 @@ def test_teacher_gives_the_kept_channels_of_each_hint_and_its_scale():
     probe.graph.output.append(
         onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
     )
-    hints = {name: Hint(1, (0, 3, 5), 4)}
+    hints = {name: Hint(1, (0, 3, 5), 4, 6)}
     teacher = Teacher(model, [0, 2], "softmax", 1.0, hints=hints, hint_weight=2.0)
     x = np.random.default_rng(5).standard_normal((3, 3, 8, 8)).astype(np.float32)
     feeds = teacher.feeds(x, real=2)
     forward = session(probe)
     f = np.concatenate([forward.run([name], {teacher.input: x[i : i + 1]})[0] for i in range(3)])
     np.testing.assert_allclose(feeds[hint_target(name)], f[:, [0, 3, 5]], rtol=1e-5, atol=1e-6)
-    want = 2.0 / float(np.square(f[:2, [0, 3, 5]].astype(np.float64)).sum())
+    want = 2.0 / (float(np.square(f[:2].astype(np.float64)).sum()) * 3 / 6)
     assert feeds[hint_scale(name)] == pytest.approx(want, rel=1e-4)
+
+
+def test_a_hint_on_a_near_zero_layer_is_measured_against_the_floor():
+    """Relative error against a teacher feature near zero would explode: the energy is
+    floored at an RMS of teacher.FLOOR."""
+    from onnxcut.train.hints import Hint
+    from onnxcut.train.teacher import FLOOR, Teacher
+
+    b = NetBuilder((1, 3, 8, 8), seed=1)
+    inner = b.relu(b.conv(b.input, 4, bias=False))
+    model = load(b.build([b.conv(inner, 3, k=1)]))
+    teacher = Teacher(model, [0, 1, 2], "softmax", 1.0, hints={inner: Hint(1, (0, 2), 4, 4)})
+    teacher.hint_factor = 1.0
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    tiny = teacher.feeds(x * 1e-9, 2)[hint_scale(inner)]
+    assert tiny == pytest.approx(1.0 / (FLOOR**2 * 2 * 2 * 8 * 8), rel=1e-5)
+    normal = teacher.feeds(x, 2)
+    energy = float(np.square(normal[hint_target(inner)].astype(np.float64)).sum())
+    assert normal[hint_scale(inner)] < tiny and energy > FLOOR**2 * 2 * 2 * 64
 
 
 def test_distill_with_hints_trains_on_the_features_and_records_the_weight(
@@ -663,6 +711,47 @@ def test_dropped_background_distills_and_is_refused_without_background(student: 
         distill(extract(model, plan), model, images, opts)
     with pytest.raises(DataError, match="--dropped spread: use renormalise or background"):
         distill(student, sample_model(SEG), images, dataclasses.replace(opts, dropped="spread"))
+
+
+def test_a_batch_spelled_into_reshapes_trains_at_another_batch(tmp_path: Path):
+    """A TorchScript export traced at batch 1 writes it into its channel shuffle's Reshape
+    targets; distill at batch 2 rewrites them (student and teacher), where onnxruntime had
+    refused the training graph."""
+    from test_real_exports import shufflenet
+
+    model = load(shufflenet())
+    shuffles = [n for n in model.graph.node if n.op_type == "Reshape"]
+    assert any(int(numpy_helper.to_array(_const(model, n.input[1]))[0]) == 1 for n in shuffles)
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    copy_images(sorted((ROOT / "samples/data/digits_cls/val").glob("*/*.png"))[:6], folder)
+    opts = DistillOptions(batch=4, lr=1e-3, epochs=2, threads=1, hints=0.0)
+    reports = []
+    distill(model, model, folder, opts, on_epoch=reports.append)
+    assert all(np.isfinite(r.loss) for r in reports)
+
+
+def _const(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def test_an_onnxruntime_failure_in_the_teacher_is_one_line():
+    from onnxcut.train.teacher import Teacher
+
+    teacher = Teacher(load(seg_net()), [0, 2], "softmax", 1.0)
+
+    class Failing:
+        def run(self, *args):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Reshape\nkernel details")
+
+    teacher._session = Failing()
+    x = np.zeros((3, 3, 8, 8), np.float32)
+    with pytest.raises(
+        ModelError,
+        match=r"teacher on a batch of 3: \[ONNXRuntimeError\].*FAIL : Reshape; a model exported",
+    ) as e:
+        teacher.feeds(x, 3)
+    assert "kernel details" not in str(e.value)
 
 
 def test_initializers_listed_as_inputs_are_declared_once():

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from onnx import ModelProto, TensorProto, helper
+import numpy as np
+from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from onnxcut.errors import ModelError, UnsupportedOpError
 from onnxcut.grad.backward import backward, prepare
@@ -197,6 +198,8 @@ def set_batch(model: ModelProto, data: str, batch: int | str) -> None:
             shape = value.type.tensor_type.shape
             if not shape.dim:
                 raise ModelError(f"input '{data}' has no known rank; pass --input-shape")
+            if shape.dim[0].dim_value > 0 and shape.dim[0].dim_value != batch:
+                _rebatch_reshapes(model, data, shape.dim[0].dim_value, batch)
             shape.dim[0].Clear()
             if isinstance(batch, int):
                 shape.dim[0].dim_value = batch
@@ -205,6 +208,33 @@ def set_batch(model: ModelProto, data: str, batch: int | str) -> None:
     del model.graph.value_info[:]
     for out in model.graph.output:
         out.type.tensor_type.ClearField("shape")
+
+
+def _rebatch_reshapes(model: ModelProto, data: str, old: int, new: int | str) -> None:
+    """An export traced at a fixed batch spells it into Reshape targets (a channel shuffle's
+    view(n, groups, ...)): where a Reshape of a tensor computed from the images has the old
+    batch first in its target (and in its input, where that is known), the target takes the
+    new one (0, "copy the input's", for a named batch)."""
+    index = GraphIndex(model)
+    carried = {data}
+    for node in model.graph.node:
+        if any(i in carried for i in node.input):
+            carried.update(node.output)
+    first = new if isinstance(new, int) else 0
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or node.input[0] not in carried:
+            continue
+        target, shape = index.const(node.input[1]), index.shape(node.input[0]) or [None]
+        if target is None or not target.size or int(target[0]) != old:
+            continue
+        # An input of unknown first dim counts as the batch: the images reach it.
+        batch_first = shape[0] == old or not isinstance(shape[0], int)
+        if batch_first and not any(a.name == "allowzero" and a.i for a in node.attribute):
+            fresh = numpy_helper.from_array(
+                np.concatenate([[first], target[1:]]).astype(np.int64), f"{node.name}/rebatched"
+            )
+            model.graph.initializer.append(fresh)
+            node.input[1] = fresh.name
 
 
 def _optimizer_step(

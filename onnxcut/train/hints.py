@@ -31,6 +31,7 @@ class Hint:
     axis: int
     channels: tuple[int, ...]
     rank: int
+    width: int  # the teacher tensor's channel count on `axis`
 
 
 def match_hints(
@@ -63,7 +64,7 @@ def match_hints(
         if not isinstance(count, int) or count <= max(channels, default=-1):
             continue
         if mine[axis] == len(channels) and si.dtype(name) in (None, TensorProto.FLOAT):
-            hints[name] = Hint(axis, tuple(channels), rank)
+            hints[name] = Hint(axis, tuple(channels), rank, count)
     if not hints:
         raise ModelError(
             f"none of the student's {KEPT_KEY} tensors matches a tensor of the teacher; pass "

@@ -8,9 +8,12 @@ positions), so every position of every batch weighs the same (w is left out belo
     softmax  L = T^2 / n sum p (log p - log softmax(z / T))    dL/dz = scale (softmax(z/T) - p)
     sigmoid  L = T^2 / n sum BCE(sigmoid(z / T), p)            dL/dz = scale (sigmoid(z/T) - p)
 Feature hints (FitNets), at student tensors f_i whose kept channels are teacher tensors t_i,
-with h hints, weight `lambda` and fed `hint_scale_i` = lambda / (h sum_real t_i^2):
+with h hints, weight `lambda` and fed `hint_scale_i` = lambda / (h E_i):
     L += sum_i hint_scale_i sum w (f_i - t_i)^2             dL/df_i = 2 hint_scale_i w (f_i - t_i)
-so each hint is its relative squared error over the batch's real rows, whatever its scale.
+E_i is the energy (sum of squares over the batch's real rows) of the teacher's whole tensor
+times the kept share of its channels, floored at an RMS of 1e-3 (teacher.FLOOR), so each
+hint is a relative squared error whatever the layer's scale, and a kept set that is dead on
+a batch, or a layer near zero, does not blow it up.
 With labels (softmax heads), r is the one-hot label map, zero where unlabeled, and
 `label_scale` = weight / labelled positions:
     L += -label_scale sum r log softmax(z)        dL/dz += label_scale (softmax(z) sum_k r - r)

@@ -10,13 +10,16 @@ import numpy as np
 from onnx import ModelProto, numpy_helper
 
 from onnxcut.attribution.probe import find_head
+from onnxcut.errors import ModelError
 from onnxcut.graph.io import opset_version
 from onnxcut.graph.shapes import graph_inputs, infer_shapes
-from onnxcut.runtime import session
+from onnxcut.runtime import first_line, session
 from onnxcut.train.builder import Builder
 from onnxcut.train.graph import BATCH, keep_outputs, set_batch
 from onnxcut.train.hints import Hint
 from onnxcut.train.losses import SCALE, TARGET, hint_scale, hint_target, softmax_pair
+
+FLOOR = 1e-3  # the smallest RMS a hint's teacher feature is measured against
 
 # loss kind -> the normalisation the student's loss compares against: (builder, x, axis)
 NORMALISE: dict[str, Callable[[Builder, str, int], str]] = {
@@ -64,7 +67,8 @@ class Teacher:
         outputs = [TARGET]
         for name, h in self.hints.items():
             kept = b.op("Gather", [name, b.ints(h.channels)], hint_target(name), axis=h.axis)
-            square = b.op("Mul", [kept, kept])
+            # The whole tensor's energy sets the scale: a kept set dead on a batch must not.
+            square = b.op("Mul", [name, name])
             outputs += [kept, b.reduce("ReduceSum", square, range(1, h.rank), keepdims=0)]
         m.graph.node.extend(b.nodes)
         m.graph.initializer.extend(b.inits)
@@ -78,13 +82,26 @@ class Teacher:
     def feeds(self, inputs: np.ndarray, real: int) -> dict[str, np.ndarray]:
         """Target and scale for a batch whose first `real` rows are images (the rest pad),
         and each hint's teacher feature and scale."""
-        target, *rest = self._session.run(self._outputs, {self.input: inputs})
+        try:
+            target, *rest = self._session.run(self._outputs, {self.input: inputs})
+        except Exception as e:  # onnxruntime's own error types
+            raise ModelError(
+                f"onnxruntime could not run the teacher on a batch of {len(inputs)}: "
+                f"{first_line(e)}; a model exported at a fixed batch may need --batch of it"
+            ) from None
         positions = real * (target.size // target.shape[self.axis] // len(target))
         feeds = {TARGET: target, SCALE: np.float32(self.factor / positions)}
-        for name, feature, squares in zip(self.hints, rest[::2], rest[1::2], strict=True):
-            total = float(squares[:real].sum(dtype=np.float64))
+        for (name, h), feature, squares in zip(
+            self.hints.items(), rest[::2], rest[1::2], strict=True
+        ):
+            # The kept channels' share of the energy, were it even; no less than an RMS of
+            # FLOOR, so that a layer near zero (dead, or a degenerate untrained net) does not
+            # make its relative error explode.
+            energy = float(squares[:real].sum(dtype=np.float64)) * len(h.channels) / h.width
+            floor = FLOOR**2 * real * (feature.size // len(feature))
+            scale = self.hint_factor / max(energy, floor)
             feeds[hint_target(name)] = feature
-            feeds[hint_scale(name)] = np.float32(self.hint_factor / max(total, 1e-12))
+            feeds[hint_scale(name)] = np.float32(scale)
         return feeds
 
 

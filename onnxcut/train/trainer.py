@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxcut.errors import OutputError, TrainError
-from onnxcut.runtime import onnxruntime, session
+from onnxcut.errors import ModelError, OutputError, TrainError
+from onnxcut.runtime import first_line, onnxruntime, session
 from onnxcut.train.graph import LOSS, TrainGraph, updated
 from onnxcut.train.nchwc import blocked
 from onnxcut.train.optimizers import Optimizer
@@ -73,7 +73,13 @@ class Trainer:
             b.bind_ortvalue_input(name, self._live[name])
             b.bind_output(updated(name), self._device, 0)
         b.bind_output(LOSS, "cpu")
-        self._session.run_with_iobinding(b)
+        try:
+            self._session.run_with_iobinding(b)
+        except Exception as e:  # onnxruntime's own error types
+            self.step_count -= 1
+            raise ModelError(
+                f"onnxruntime could not run the training step: {first_line(e)}"
+            ) from None
         outputs = b.get_outputs()
         loss = float(outputs[-1].numpy())
         if not np.isfinite(loss):
