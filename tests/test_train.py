@@ -754,6 +754,31 @@ def test_an_onnxruntime_failure_in_the_teacher_is_one_line():
     assert "kernel details" not in str(e.value)
 
 
+def test_an_onnxruntime_failure_in_a_step_is_one_line_and_the_weights_stay():
+    from onnxcut.train.trainer import Trainer
+
+    model = load(seg_net())
+    params = trainable(model)
+    graph = build(model, model.graph.output[0].name, 1, params, batch=2)
+    initial = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    trainer = Trainer(graph, {p: initial[p] for p in params}, Optimizer(), threads=1)
+
+    class Failing:
+        def run_with_iobinding(self, binding):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Conv\nstack")
+
+    trainer._session = Failing()
+    feeds = {graph.data: np.zeros((2, 3, 8, 8), np.float32), TARGET: np.zeros((2, 3, 8, 8))}
+    feeds |= {SCALE: np.float32(1.0), WEIGHTS: np.ones(2, np.float32)}
+    with pytest.raises(
+        ModelError, match=r"could not run the training step: .*RUNTIME_EXCEPTION : Conv$"
+    ):
+        trainer.step(feeds)
+    assert trainer.step_count == 0
+    for p in params:
+        np.testing.assert_array_equal(trainer.parameters()[p], initial[p])
+
+
 def test_initializers_listed_as_inputs_are_declared_once():
     """Old exports (IR 3) list every initializer as a graph input: the training graph
     declares each parameter once, and onnxruntime loads it."""
