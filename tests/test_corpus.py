@@ -77,3 +77,46 @@ def test_reconstruction_on_a_variant(name: str, tmp_path: Path):
     save(onnxcut.mask(refit, plan), tmp_path / "refit_masked.onnx")
     diff = difference(tmp_path / "refit_cut.onnx", tmp_path / "refit_masked.onnx", plan)
     assert diff <= 1e-5, diff
+
+
+@pytest.mark.parametrize("name", [*QUICK, "nhwc/seg"])
+def test_hints_find_the_teachers_channels_in_exporter_spellings(name: str, tmp_path: Path):
+    """Upstream of everything the cut changes, a sub-network computes its original's kept
+    channels exactly: there the teacher's hint feature equals the student's own tensor,
+    whatever the exporter's spelling (NHWC bodies, Constant weights, IR 3)."""
+    import numpy as np
+    import onnx
+
+    from onnxcut.attribution.probe import find_head, output_categories
+    from onnxcut.graph.io import load
+    from onnxcut.runtime import session
+    from onnxcut.train.hints import match_hints
+    from onnxcut.train.losses import hint_target
+    from onnxcut.train.params import trainable
+    from onnxcut.train.teacher import Teacher
+
+    variant = VARIANTS[name]
+    assert survey(variant, tmp_path).passed
+    s, t = load(tmp_path / "cut.onnx"), load(tmp_path / "model.onnx")
+    axis = 3 if "--category-axis" in variant.head_args else None
+    head = find_head(s, axis=axis)
+    hints = match_hints(s, t, trainable(s), head.score)
+    cats = output_categories(s, head) or list(range(head.n_categories))
+    kind = "sigmoid" if head.probs == "sigmoid" else "softmax"
+    teacher = Teacher(t, cats, kind, 1.0, category_axis=axis, hints=hints, hint_weight=1.0)
+    data = next(v for v in s.graph.input if v.name not in {i.name for i in s.graph.initializer})
+    shape = [d.dim_value or 2 for d in data.type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal([2, *shape[1:]]).astype(np.float32)
+    feeds = teacher.feeds(x, 2)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(s)
+    probe.graph.output.extend(
+        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in hints
+    )
+    run = session(probe)
+    diffs = []
+    for n in hints:
+        mine = np.concatenate([run.run([n], {data.name: x[i : i + 1]})[0] for i in range(2)])
+        theirs = feeds[hint_target(n)]
+        diffs.append(float(np.abs(theirs - mine).max() / (np.abs(theirs).max() + 1e-12)))
+    assert min(diffs) <= 1e-6, dict(zip(hints, diffs, strict=True))
