@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import onnx
 from onnx import ModelProto, NodeProto, helper, version_converter
@@ -73,8 +74,9 @@ def backward(
     new.CopyFrom(model)
     index = GraphIndex(new)
     _check_names(index, output, wrt)
-    active = _descendants(index, set(wrt))
-    relevant = _ancestors(index, output)
+    is_float = partial(_is_float, index)
+    active = index.descendants(wrt, keep=is_float)
+    relevant = index.ancestors([output])
     for name in wrt:
         if name not in relevant:
             raise ModelError(
@@ -82,7 +84,7 @@ def backward(
                 "the output depends on"
             )
     data = set(index.inputs) - set(params)
-    emitter = Emitter(index, _descendants(index, data, floats_only=False), repeats)
+    emitter = Emitter(index, index.descendants(data), repeats)
     batch = (index.shape(output) or [None])[0]
     emitter.set_batch(batch)
     grads: dict[str, list[str]] = {output: [seed]}
@@ -96,7 +98,7 @@ def backward(
         if any(i in active for i in n.input) and any(o in relevant for o in n.output)
     ]
     if repeats is not None:
-        floats = _descendants(index, data)
+        floats = index.descendants(data, keep=is_float)
         for node in path:
             check_batchable(node, index, floats, batch)
     for node in reversed(path):
@@ -157,23 +159,6 @@ def _check_names(index: GraphIndex, output: str, wrt: Sequence[str]) -> None:
 def _is_float(index: GraphIndex, name: str) -> bool:
     dtype = index.dtype(name)
     return dtype is None or dtype == 0 or dtype in FLOAT_TYPES
-
-
-def _descendants(index: GraphIndex, start: set[str], floats_only: bool = True) -> set[str]:
-    """Tensors computed from `start` (through float tensors only, where asked)."""
-    found = set(start)
-    for node in index.graph.node:
-        if any(i in found for i in node.input if i):
-            found.update(o for o in node.output if o and (not floats_only or _is_float(index, o)))
-    return found
-
-
-def _ancestors(index: GraphIndex, output: str) -> set[str]:
-    found = {output}
-    for node in reversed(index.graph.node):
-        if any(o in found for o in node.output):
-            found.update(i for i in node.input if i)
-    return found
 
 
 def _accumulate(emitter: Emitter, grads: dict[str, list[str]], name: str) -> str | None:

@@ -11,7 +11,7 @@ import logging
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +287,24 @@ class GraphIndex:
             return self.initializers[name].data_type
         v = self.value_info.get(name)
         return v.type.tensor_type.elem_type if v is not None else None
+
+    def descendants(
+        self, start: Iterable[str], keep: Callable[[str], bool] | None = None
+    ) -> set[str]:
+        """`start` and the tensors computed from it (only through those `keep` accepts)."""
+        found = set(start)
+        for node in self.graph.node:
+            if any(i in found for i in node.input if i):
+                found.update(o for o in node.output if o and (keep is None or keep(o)))
+        return found
+
+    def ancestors(self, names: Iterable[str]) -> set[str]:
+        """`names` and the tensors they are computed from."""
+        found = set(names)
+        for node in reversed(self.graph.node):
+            if any(o in found for o in node.output if o):
+                found.update(i for i in node.input if i)
+        return found
 
 
 def expose_tensors(model: ModelProto, names: Iterable[str]) -> ModelProto:

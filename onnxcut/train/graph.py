@@ -216,10 +216,7 @@ def _rebatch_reshapes(model: ModelProto, data: str, old: int, new: int | str) ->
     batch first in its target (and in its input, where that is known), the target takes the
     new one (0, "copy the input's", for a named batch)."""
     index = GraphIndex(model)
-    carried = {data}
-    for node in model.graph.node:
-        if any(i in carried for i in node.input):
-            carried.update(node.output)
+    carried = index.descendants([data])
     first = new if isinstance(new, int) else 0
     for node in model.graph.node:
         if node.op_type != "Reshape" or node.input[0] not in carried:

@@ -51,8 +51,7 @@ def match_hints(
             "make it with onnxcut extract, or drop --hints"
         )
     si, ti = GraphIndex(s), GraphIndex(infer_shapes(t))
-    trained = _reached(si, set(params), forward=True)
-    read = _reached(si, {logits}, forward=False)
+    trained, read = si.descendants(params), si.ancestors([logits])
     hints = {}
     for name, (axis, channels) in kept.items():
         mine, theirs = si.shape(name), ti.shape(name)
@@ -83,14 +82,3 @@ def match_hints(
         hints = chosen
     log.info("feature hints at %d tensors", len(hints))
     return hints
-
-
-def _reached(index: GraphIndex, start: set[str], *, forward: bool) -> set[str]:
-    """Tensors computed from `start` (forward) or that `start` is computed from."""
-    found = set(start)
-    nodes = index.graph.node if forward else reversed(index.graph.node)
-    for node in nodes:
-        src, dst = (node.input, node.output) if forward else (node.output, node.input)
-        if any(x in found for x in src if x):
-            found.update(x for x in dst if x)
-    return found
