@@ -48,3 +48,10 @@ class UnsupportedOpError(OnnxcutError):
         super().__init__(f"node '{node.name}' ({node.op_type}): {reason}")
         self.node_name = node.name
         self.op = node.op_type
+
+
+def first_line(error: BaseException) -> str:
+    """A foreign error's message in one line (onnxruntime's, the ONNX checker's, ...: their
+    messages run on over many), or its type where it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -15,7 +15,7 @@ from types import ModuleType
 import numpy as np
 from onnx import ModelProto
 
-from onnxcut.errors import ModelError, RuntimeMissingError
+from onnxcut.errors import ModelError, RuntimeMissingError, first_line
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -76,8 +76,7 @@ def _create(ort: ModuleType, source, opts, providers):
     try:
         return ort.InferenceSession(source, sess_options=opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"onnxruntime cannot load the model: {first}") from None
+        raise ModelError(f"onnxruntime cannot load the model: {first_line(e)}") from None
 
 
 def _session_from_disk(ort: ModuleType, model: ModelProto, opts, providers):
@@ -86,12 +85,6 @@ def _session_from_disk(ort: ModuleType, model: ModelProto, opts, providers):
     with tempfile.TemporaryDirectory(prefix="onnxcut-") as tmp:
         path = save(model, Path(tmp) / "model.onnx")
         return _create(ort, str(path), opts, providers)
-
-
-def first_line(error: BaseException) -> str:
-    """An onnxruntime error's message in one line (its kernels' messages run on)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def run(

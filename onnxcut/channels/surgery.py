@@ -30,7 +30,7 @@ from onnxcut.channels.deps import ChannelTrace, trace
 from onnxcut.channels.inspection import LAYER_OPS, require_layers
 from onnxcut.channels.plan import Plan, PlanLike, as_plan, resolve
 from onnxcut.channels.registry import ConstSlice, EditContext
-from onnxcut.errors import ModelError
+from onnxcut.errors import ModelError, first_line
 from onnxcut.graph.edit import drop_unread_initializers, set_metadata
 from onnxcut.graph.io import load, sha256
 from onnxcut.graph.shapes import declare_types_inplace, infer_shapes
@@ -79,8 +79,9 @@ def _check_result(proto: ModelProto, model: ModelLike, input_shapes: Shapes | No
             _check(load(model, input_shapes))
         except onnx.checker.ValidationError as e:
             source = "the model" if isinstance(model, ModelProto) else str(model)
-            first = str(e).strip().splitlines()[0]
-            raise ModelError(f"{source} fails the ONNX checker ({first}); re-export it") from None
+            raise ModelError(
+                f"{source} fails the ONNX checker ({first_line(e)}); re-export it"
+            ) from None
         raise
 
 

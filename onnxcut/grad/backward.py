@@ -9,7 +9,7 @@ from functools import partial
 import onnx
 from onnx import ModelProto, NodeProto, helper, version_converter
 
-from onnxcut.errors import ModelError, UnsupportedOpError
+from onnxcut.errors import ModelError, UnsupportedOpError, first_line
 from onnxcut.grad.batching import check_batchable
 from onnxcut.grad.emitter import Emitter, Site
 from onnxcut.grad.registry import VJP_RULES, supported_ops
@@ -41,7 +41,7 @@ def prepare(model: ModelProto) -> ModelProto:
     except Exception as e:  # the converter raises bare RuntimeErrors and ValueErrors
         raise ModelError(
             f"cannot convert the model from opset {current} to {target} for the backward "
-            f"graph ({str(e).splitlines()[0] if str(e) else type(e).__name__}); re-export the "
+            f"graph ({first_line(e)}); re-export the "
             f"model at opset {target} or newer"
         ) from None
     log.info("converted the model from opset %d to %d for the backward graph", current, target)

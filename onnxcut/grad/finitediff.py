@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from onnx import ModelProto, TensorProto, helper
 
-from onnxcut.errors import DataError, ModelError
+from onnxcut.errors import DataError, ModelError, first_line
 from onnxcut.graph.io import GraphIndex
 from onnxcut.runtime import session
 
@@ -114,7 +114,7 @@ def _differences(tail, name, values, output, category, axis, mask, rel_eps) -> n
         except Exception as e:  # onnxruntime's own error types
             raise ModelError(
                 f"the graph after '{name}' does not run on a batch of perturbed copies "
-                f"({str(e).splitlines()[0]}); it must keep the batch on axis 0"
+                f"({first_line(e)}); it must keep the batch on axis 0"
             ) from None
         scores.extend(_objective(y.reshape(len(chunk), n, *y.shape[1:]), category, axis, mask))
     s = np.asarray(scores, np.float64).reshape(channels, 2, n)

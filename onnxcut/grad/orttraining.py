@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from onnxcut.errors import DataError, ModelError, RuntimeMissingError
+from onnxcut.errors import DataError, ModelError, RuntimeMissingError, first_line
 from onnxcut.graph.io import GraphIndex
 
 _INSTALL = (
@@ -61,8 +61,7 @@ def ort_gradients(
         builder.build()
     except Exception as e:  # the builder raises bare RuntimeErrors naming the op
         raise ModelError(
-            f"ort-training cannot differentiate the model ({str(e).strip().splitlines()[0]}); "
-            "use --grad symbolic"
+            f"ort-training cannot differentiate the model ({first_line(e)}); use --grad symbolic"
         ) from None
     grads = [f"{name}_grad" for name in wrt]
     sess = ort.InferenceSession(builder.get_model(), providers=["CPUExecutionProvider"])

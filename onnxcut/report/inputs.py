@@ -18,7 +18,7 @@ from onnx import ModelProto
 
 from onnxcut.attribution.scores import Scores, load_scores
 from onnxcut.channels.plan import Plan, PlanLike, as_plan
-from onnxcut.errors import DataError, PlanError
+from onnxcut.errors import DataError, PlanError, first_line
 from onnxcut.graph.io import load, sha256
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,9 @@ def read_eval(path: PathLike) -> dict[str, Any]:
             f"--eval {path}: no such file; write one with onnxcut eval --json"
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        first = str(e).splitlines()[0]
         raise DataError(
-            f"--eval {path}: not a JSON eval report ({first}); write one with onnxcut eval --json"
+            f"--eval {path}: not a JSON eval report ({first_line(e)}); write one with onnxcut "
+            "eval --json"
         ) from None
     return data
 

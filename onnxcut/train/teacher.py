@@ -10,10 +10,10 @@ import numpy as np
 from onnx import ModelProto, numpy_helper
 
 from onnxcut.attribution.probe import find_head
-from onnxcut.errors import ModelError
+from onnxcut.errors import ModelError, first_line
 from onnxcut.graph.io import opset_version
 from onnxcut.graph.shapes import graph_inputs, infer_shapes
-from onnxcut.runtime import first_line, session
+from onnxcut.runtime import session
 from onnxcut.train.builder import Builder
 from onnxcut.train.graph import BATCH, keep_outputs, set_batch
 from onnxcut.train.hints import Hint

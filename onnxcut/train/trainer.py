@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxcut.errors import ModelError, OutputError, TrainError
-from onnxcut.runtime import first_line, onnxruntime, session
+from onnxcut.errors import ModelError, OutputError, TrainError, first_line
+from onnxcut.runtime import onnxruntime, session
 from onnxcut.train.graph import LOSS, TrainGraph, updated
 from onnxcut.train.nchwc import blocked
 from onnxcut.train.optimizers import Optimizer
