@@ -136,12 +136,13 @@ def distill(
     optimizer = Optimizer(opts.optimizer, opts.lr, warmup=warmup)
     batch_size = min(opts.batch, len(paths))
     hints = match_hints(s, t, params, head.score, opts.hints_at) if opts.hints > 0 else {}
+    kind = _loss_kind(s, head)
     graph = build(
         s,
         head.score,
         head.axis,
         params,
-        kind=_loss_kind(s, head),
+        kind=kind,
         temperature=opts.temperature,
         optimizer=optimizer,
         labels=masks is not None,
@@ -155,7 +156,7 @@ def distill(
     target = Teacher(
         t,
         mapping.positions,
-        _loss_kind(s, head),
+        kind,
         opts.temperature,
         weight=1.0 - opts.label_weight if masks is not None else 1.0,
         provider=opts.provider,
@@ -163,7 +164,7 @@ def distill(
         category_axis=opts.category_axis,
         hints=hints,
         hint_weight=opts.hints,
-        fold_into=fold_into(opts.dropped, _loss_kind(s, head), head, mapping),
+        fold_into=fold_into(opts.dropped, kind, head, mapping),
     )
     ckpt = Path(checkpoint) if checkpoint is not None else None
     fingerprint = _fingerprint(s, t, opts, paths)

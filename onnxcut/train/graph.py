@@ -58,7 +58,6 @@ class TrainGraph:
     scalars: list[str]  # fed per step: loss scales and optimizer scalars
     labels: bool = False
     shapes: dict[str, list[int]] = field(default_factory=dict)  # params and states
-    hints: list[str] = field(default_factory=list)  # student tensors matched to the teacher's
 
     @property
     def carried(self) -> list[str]:
@@ -158,7 +157,6 @@ def build(
         [SCALE, *([LABEL_SCALE] if labels else []), *map(hint_scale, hints), *scalars],
         labels,
         shapes,
-        list(hints),
     )
 
 
