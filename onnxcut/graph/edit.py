@@ -17,8 +17,8 @@ def drop_unread_initializers(model: ModelProto, names: Iterable[str] | None = No
     weight with a default, not data, so its entry goes with it; graph outputs stay.
     """
     read = set(inputs_read(model.graph)) | {v.name for v in model.graph.output}
-    candidates = {t.name for t in model.graph.initializer} if names is None else set(names)
-    gone = {t.name for t in model.graph.initializer if t.name in candidates - read}
+    inits = {t.name for t in model.graph.initializer}
+    gone = (inits if names is None else inits & set(names)) - read
     if gone:
         retain(model.graph.initializer, lambda t: t.name not in gone)
         retain(model.graph.input, lambda v: v.name not in gone)
