@@ -12,7 +12,7 @@ Prints the metric kept (the sub-network's over the original's, category-customis
 run, and the mean and worst over the seeds.
 
     .venv/bin/python benchmarks/distill_options.py [--compare hints|dropped] [--models a,b]
-        [--subsets 2] [--lrs 1e-4,1e-3] [--hints 1] [--seeds 0,1,2] [--work DIR]
+        [--subsets 2] [--lrs 1e-4,1e-3] [--hints 1] [--warmup 0] [--seeds 0,1,2] [--work DIR]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lrs", default="1e-4,1e-3", help="learning rates (Adam, batch 16)")
     p.add_argument("--compare", choices=("hints", "dropped"), default="hints")
     p.add_argument("--hints", type=float, default=1.0, help="the hint weight to compare")
+    p.add_argument("--warmup", type=float, default=0.0, help="distill --warmup, both runs")
     p.add_argument("--seeds", default="0,1,2", help="shuffle seeds")
     p.add_argument("--work", type=Path, default=None, help="cache folder for scores (.npz)")
     p.add_argument("--threads", type=int, default=2)
@@ -93,7 +94,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                             kept = []
                             for seed in seeds:
                                 opts = DistillOptions(
-                                    lr=lr, seed=seed, threads=args.threads, **fields
+                                    lr=lr,
+                                    warmup=args.warmup,
+                                    seed=seed,
+                                    threads=args.threads,
+                                    **fields,
                                 )
                                 save(distill(sub, setup.model, images, opts), out)
                                 score = score_model(setup, out, classes)
